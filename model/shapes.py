@@ -1,0 +1,310 @@
+"""Procedural "shapes" data: images and videos with exact COCO detection and panoptic ground truth.
+
+The project ships no downloaded data, so this generator is what the bundled model is trained and evaluated on.
+A scene is a background split into textured "stuff" bands (sky / grass / water / sand) by wavy boundaries, with
+flat-coloured "thing" polygons (circle, square, triangle, star, hexagon, diamond) drawn on top; later shapes occlude
+earlier ones. Rendering goes through an integer label map drawn without anti-aliasing, so the image, the boxes and
+the panoptic map agree pixel for pixel: every pixel of a thing segment has exactly that thing's colour.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+
+# Category ids start at 1 so that `num_labels = max id + 1` covers them with a sigmoid classifier; label 0 is an
+# unused "N/A" slot, the same convention as the COCO checkpoints (which have no "no-object" logit either).
+CATEGORIES = [
+    {"id": 1, "name": "circle", "isthing": 1},
+    {"id": 2, "name": "square", "isthing": 1},
+    {"id": 3, "name": "triangle", "isthing": 1},
+    {"id": 4, "name": "star", "isthing": 1},
+    {"id": 5, "name": "hexagon", "isthing": 1},
+    {"id": 6, "name": "diamond", "isthing": 1},
+    {"id": 7, "name": "sky", "isthing": 0},
+    {"id": 8, "name": "grass", "isthing": 0},
+    {"id": 9, "name": "water", "isthing": 0},
+    {"id": 10, "name": "sand", "isthing": 0},
+]
+NUM_LABELS = max(c["id"] for c in CATEGORIES) + 1
+ID2LABEL = {0: "N/A", **{c["id"]: c["name"] for c in CATEGORIES}}
+THING_IDS = [c["id"] for c in CATEGORIES if c["isthing"]]
+STUFF_IDS = [c["id"] for c in CATEGORIES if not c["isthing"]]
+
+# Mean colour and texture of each stuff class; things are drawn with saturated colours so they stand out.
+_STUFF_COLOURS = {7: (150, 190, 235), 8: (70, 125, 55), 9: (35, 75, 125), 10: (200, 180, 120)}
+_CIRCLE_VERTICES = 64
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One thing instance: its geometry in pixels and, for videos, its constant velocity and spin."""
+
+    category_id: int
+    center: tuple[float, float]
+    radius: float
+    angle: float
+    colour: tuple[int, int, int]
+    velocity: tuple[float, float] = (0.0, 0.0)
+    spin: float = 0.0
+
+
+@dataclass
+class Scene:
+    """A static textured background with its stuff label map, and the shapes drawn over it (back to front)."""
+
+    background: np.ndarray  # (H, W, 3) uint8
+    stuff_map: np.ndarray  # (H, W) int32 stuff category id of every pixel
+    shapes: list[Shape]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        height, width = self.stuff_map.shape
+        return width, height
+
+
+def id_to_rgb(ids: np.ndarray) -> np.ndarray:
+    """Encode a panoptic id map as the COCO panoptic PNG colours: id = R + 256 G + 256^2 B."""
+    ids = ids.astype(np.uint32)
+    return np.stack([ids % 256, ids // 256 % 256, ids // 256**2 % 256], axis=-1).astype(np.uint8)
+
+
+def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
+    """Decode a COCO panoptic PNG (H, W, 3) back to its id map."""
+    rgb = rgb.astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
+
+
+def shape_polygon(shape: Shape) -> list[tuple[float, float]]:
+    """Vertices of a shape's outline, rotated by its angle around its centre."""
+    corners = {1: _CIRCLE_VERTICES, 2: 4, 3: 3, 4: 10, 5: 6, 6: 4}[shape.category_id]
+    radii = np.full(corners, shape.radius)
+    if shape.category_id == 4:  # star: alternate outer and inner radius
+        radii[1::2] *= 0.45
+    if shape.category_id == 6:  # diamond: a rhombus, longer along one axis
+        radii[1::2] *= 0.6
+    theta = shape.angle + 2 * math.pi * np.arange(corners) / corners
+    if shape.category_id == 2:  # square: corners at 45 degrees so angle 0 is axis-aligned
+        theta = theta + math.pi / 4
+    cx, cy = shape.center
+    return list(zip((cx + radii * np.cos(theta)).tolist(), (cy + radii * np.sin(theta)).tolist()))
+
+
+def _stuff_bands(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """Split the frame into 2 or 3 horizontal bands of different stuff classes with wavy boundaries."""
+    n_bands = int(rng.integers(2, 4))
+    classes = rng.choice(STUFF_IDS, size=n_bands, replace=False)
+    levels = np.sort(rng.uniform(0.2, 0.8, size=n_bands - 1)) * height
+    x = np.arange(width)
+    ys = np.arange(height)[:, None]
+    band = np.zeros((height, width), dtype=np.int32)
+    for level in levels:
+        amplitude = rng.uniform(0.01, 0.06) * height
+        wavelength = rng.uniform(0.3, 1.2) * width
+        boundary = level + amplitude * np.sin(2 * math.pi * x / wavelength + rng.uniform(0, 2 * math.pi))
+        band += ys >= boundary[None, :]
+    return classes[band].astype(np.int32)
+
+
+def _stuff_texture(rng: np.random.Generator, stuff_map: np.ndarray) -> np.ndarray:
+    """Paint each stuff class with its colour, a class-specific pattern and pixel noise."""
+    height, width = stuff_map.shape
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    patterns = {
+        7: (yy / height - 0.5) * -40,  # sky: lighter towards the top
+        8: 12 * np.sin(xx / 3.0 + rng.uniform(0, 6)) * np.sin(yy / 7.0),  # grass: blades
+        9: 18 * np.sin(yy / 5.0 + 2 * np.sin(xx / 40.0)),  # water: ripples
+        10: 10 * np.sin((xx + yy) / 9.0),  # sand: diagonal dunes
+    }
+    image = np.zeros((height, width, 3), dtype=np.float32)
+    for category_id in np.unique(stuff_map):
+        region = stuff_map == category_id
+        colour = np.array(_STUFF_COLOURS[int(category_id)], dtype=np.float32)
+        image[region] = colour + patterns[int(category_id)][region][:, None]
+    image += rng.normal(0, 6, size=image.shape).astype(np.float32)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A saturated, bright colour (HSV with s, v in [0.65, 1]) so things differ from the muted stuff textures."""
+    hue, sat, val = rng.uniform(0, 1), rng.uniform(0.65, 1), rng.uniform(0.65, 1)
+    sector, frac = int(hue * 6) % 6, hue * 6 - int(hue * 6)
+    p, q, t = val * (1 - sat), val * (1 - sat * frac), val * (1 - sat * (1 - frac))
+    rgb = [(val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q)][sector]
+    return tuple(int(round(255 * c)) for c in rgb)
+
+
+def random_scene(rng: np.random.Generator, width: int, height: int, max_objects: int = 6,
+                 max_speed: float = 0.0) -> Scene:
+    """Sample a background and 1..max_objects shapes; `max_speed` (pixels per frame) > 0 gives them motion."""
+    if width < 16 or height < 16:
+        raise ValueError(f"shapes scenes need at least 16x16 pixels, got {width}x{height}")
+    stuff_map = _stuff_bands(rng, width, height)
+    short = min(width, height)
+    shapes = []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        radius = rng.uniform(0.06, 0.16) * short
+        speed, heading = rng.uniform(0.3, 1.0) * max_speed, rng.uniform(0, 2 * math.pi)
+        shapes.append(Shape(
+            category_id=int(rng.choice(THING_IDS)),
+            center=(rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)),
+            radius=radius,
+            angle=rng.uniform(0, 2 * math.pi),
+            colour=_random_colour(rng),
+            velocity=(speed * math.cos(heading), speed * math.sin(heading)),
+            spin=rng.uniform(-0.03, 0.03) if max_speed > 0 else 0.0,
+        ))
+    return Scene(_stuff_texture(rng, stuff_map), stuff_map, shapes)
+
+
+def advance(scene: Scene) -> Scene:
+    """Move every shape by one frame: constant velocity and spin, bouncing off the frame edges."""
+    width, height = scene.size
+    moved = []
+    for shape in scene.shapes:
+        (x, y), (vx, vy), r = shape.center, shape.velocity, shape.radius
+        x, y = x + vx, y + vy
+        # Reflect the position and the velocity at a wall so the motion stays smooth and inside the frame.
+        if x < r or x > width - r:
+            vx, x = -vx, (2 * r - x if x < r else 2 * (width - r) - x)
+        if y < r or y > height - r:
+            vy, y = -vy, (2 * r - y if y < r else 2 * (height - r) - y)
+        moved.append(replace(shape, center=(x, y), velocity=(vx, vy), angle=shape.angle + shape.spin))
+    return Scene(scene.background, scene.stuff_map, moved)
+
+
+def _bbox(mask: np.ndarray) -> list[int]:
+    """COCO xywh of a mask's extent (integer pixel edges)."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+
+
+def render(scene: Scene) -> tuple[np.ndarray, dict]:
+    """Draw a scene. Returns the RGB image (H, W, 3) uint8 and its ground truth:
+
+    `objects`: COCO detection annotations of the visible things (bbox xywh, area, category_id, iscrowd 0,
+    segmentation as RLE with an ASCII `counts`, track = index of the shape in the scene); fully occluded shapes
+    are dropped. `panoptic`: (H, W) int32 segment id map (0 = void, never produced here); `segments_info`: COCO
+    panoptic segments (id, category_id, iscrowd, bbox, area) for the visible things and stuff classes.
+    """
+    width, height = scene.size
+    labels = Image.new("I", (width, height), 0)
+    draw = ImageDraw.Draw(labels)
+    for index, shape in enumerate(scene.shapes, start=1):
+        draw.polygon(shape_polygon(shape), fill=index)  # later shapes overwrite (occlude) earlier ones
+    label_map = np.asarray(labels, dtype=np.int32)
+
+    palette = np.array([(0, 0, 0)] + [s.colour for s in scene.shapes], dtype=np.uint8)
+    image = np.where(label_map[..., None] > 0, palette[label_map], scene.background)
+
+    panoptic = np.zeros((height, width), dtype=np.int32)
+    objects, segments = [], []
+    for index, shape in enumerate(scene.shapes, start=1):
+        mask = label_map == index
+        if not mask.any():
+            continue
+        segment_id = len(segments) + 1
+        panoptic[mask] = segment_id
+        area, bbox = int(mask.sum()), _bbox(mask)
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode("ascii")
+        objects.append({"category_id": shape.category_id, "bbox": bbox, "area": area, "iscrowd": 0,
+                        "segmentation": rle, "track": index - 1})
+        segments.append({"id": segment_id, "category_id": shape.category_id, "iscrowd": 0, "bbox": bbox,
+                         "area": area})
+    for category_id in np.unique(scene.stuff_map).tolist():
+        mask = (scene.stuff_map == category_id) & (label_map == 0)
+        if not mask.any():
+            continue
+        segment_id = len(segments) + 1
+        panoptic[mask] = segment_id
+        segments.append({"id": segment_id, "category_id": int(category_id), "iscrowd": 0, "bbox": _bbox(mask),
+                         "area": int(mask.sum())})
+    return image, {"objects": objects, "panoptic": panoptic, "segments_info": segments}
+
+
+def render_scene(rng: np.random.Generator, width: int, height: int, max_objects: int = 6) -> tuple[np.ndarray, dict]:
+    """Sample and draw one still scene (see `render` for the ground-truth format)."""
+    return render(random_scene(rng, width, height, max_objects))
+
+
+def _size(size: int | tuple[int, int]) -> tuple[int, int]:
+    width, height = (size, size) if isinstance(size, int) else size
+    if width % 2 or height % 2:
+        raise ValueError(f"size must have even width and height (H.264 4:2:0 needs it), got {width}x{height}")
+    return width, height
+
+
+def write_dataset(out_dir: str | Path, n_images: int, size: int | tuple[int, int] = 320, seed: int = 0,
+                  max_objects: int = 6) -> Path:
+    """Write a COCO-format shapes dataset:
+
+    out_dir/images/NNNNNN.png, out_dir/annotations.json (detection, thing categories only, RLE segmentation),
+    out_dir/panoptic/NNNNNN.png and out_dir/panoptic.json (panoptic, all categories). Image i is drawn from the
+    generator seeded with (seed, i), so a dataset is reproducible and datasets with different seeds are disjoint.
+    """
+    if n_images < 1:
+        raise ValueError(f"n_images must be at least 1, got {n_images}")
+    width, height = _size(size)
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    (out_dir / "panoptic").mkdir(parents=True, exist_ok=True)
+    images, detections, panoptic_annotations = [], [], []
+    for image_id in range(n_images):
+        image, truth = render_scene(np.random.default_rng([seed, image_id]), width, height, max_objects)
+        file_name = f"{image_id:06d}.png"
+        Image.fromarray(image).save(out_dir / "images" / file_name)
+        Image.fromarray(id_to_rgb(truth["panoptic"])).save(out_dir / "panoptic" / file_name)
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        for obj in truth["objects"]:
+            ann = {k: v for k, v in obj.items() if k != "track"}
+            detections.append({"id": len(detections) + 1, "image_id": image_id, **ann})
+        panoptic_annotations.append({"image_id": image_id, "file_name": file_name,
+                                     "segments_info": truth["segments_info"]})
+    things = [c for c in CATEGORIES if c["isthing"]]
+    (out_dir / "annotations.json").write_text(json.dumps(
+        {"images": images, "annotations": detections, "categories": things}))
+    (out_dir / "panoptic.json").write_text(json.dumps(
+        {"images": images, "annotations": panoptic_annotations, "categories": CATEGORIES}))
+    return out_dir
+
+
+def write_sample_video(path: str | Path, seconds: float = 10.0, size: tuple[int, int] = (1280, 720), seed: int = 0,
+                       fps: int = 25) -> Path:
+    """Encode an H.264 MP4 of moving shapes and write its per-frame ground truth to `<path>.gt.json`.
+
+    The MP4 is written with `+faststart` (index at the front) so it can be streamed over HTTP. Ground truth:
+    {"fps", "width", "height", "categories", "frames": [{"frame_index", "pts", "objects": [...]}]} with the
+    detection annotations of `render` (without RLE, to keep the file small); `track` follows a shape across frames.
+    """
+    import av  # here, not at the top: `model` must import without PyAV
+
+    if seconds <= 0 or fps <= 0:
+        raise ValueError(f"seconds and fps must be positive, got seconds={seconds} fps={fps}")
+    width, height = _size(size)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scene = random_scene(np.random.default_rng(seed), width, height,
+                         max_speed=0.01 * min(width, height) * 25 / fps)
+    frames = []
+    with av.open(str(path), mode="w", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "veryfast", "crf": "20"}
+        for index in range(max(1, round(seconds * fps))):
+            image, truth = render(scene)
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+            objects = [{k: v for k, v in obj.items() if k != "segmentation"} for obj in truth["objects"]]
+            frames.append({"frame_index": index, "pts": index / fps, "objects": objects})
+            scene = advance(scene)
+        container.mux(stream.encode(None))
+    gt = {"fps": fps, "width": width, "height": height, "categories": CATEGORIES, "frames": frames}
+    Path(f"{path}.gt.json").write_text(json.dumps(gt))
+    return path
