@@ -8,6 +8,7 @@ the panoptic map agree pixel for pixel: every pixel of a thing segment has exact
 """
 from __future__ import annotations
 
+import colorsys
 import json
 import math
 from dataclasses import dataclass, replace
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
+
+from model.panoptic import id_to_rgb, mask_to_rle, segment_bbox
 
 # Category ids start at 1 so that `num_labels = max id + 1` covers them with a sigmoid classifier; label 0 is an
 # unused "N/A" slot, the same convention as the COCO checkpoints (which have no "no-object" logit either).
@@ -66,18 +68,6 @@ class Scene:
     def size(self) -> tuple[int, int]:
         height, width = self.stuff_map.shape
         return width, height
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """Encode a panoptic id map as the COCO panoptic PNG colours: id = R + 256 G + 256^2 B."""
-    ids = ids.astype(np.uint32)
-    return np.stack([ids % 256, ids // 256 % 256, ids // 256**2 % 256], axis=-1).astype(np.uint8)
-
-
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """Decode a COCO panoptic PNG (H, W, 3) back to its id map."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
 
 
 def shape_polygon(shape: Shape) -> list[tuple[float, float]]:
@@ -132,10 +122,7 @@ def _stuff_texture(rng: np.random.Generator, stuff_map: np.ndarray) -> np.ndarra
 
 def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     """A saturated, bright colour (HSV with s, v in [0.65, 1]) so things differ from the muted stuff textures."""
-    hue, sat, val = rng.uniform(0, 1), rng.uniform(0.65, 1), rng.uniform(0.65, 1)
-    sector, frac = int(hue * 6) % 6, hue * 6 - int(hue * 6)
-    p, q, t = val * (1 - sat), val * (1 - sat * frac), val * (1 - sat * (1 - frac))
-    rgb = [(val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q)][sector]
+    rgb = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.65, 1), rng.uniform(0.65, 1))
     return tuple(int(round(255 * c)) for c in rgb)
 
 
@@ -178,12 +165,6 @@ def advance(scene: Scene) -> Scene:
     return Scene(scene.background, scene.stuff_map, moved)
 
 
-def _bbox(mask: np.ndarray) -> list[int]:
-    """COCO xywh of a mask's extent (integer pixel edges)."""
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
-
-
 def render(scene: Scene) -> tuple[np.ndarray, dict]:
     """Draw a scene. Returns the RGB image (H, W, 3) uint8 and its ground truth:
 
@@ -210,11 +191,9 @@ def render(scene: Scene) -> tuple[np.ndarray, dict]:
             continue
         segment_id = len(segments) + 1
         panoptic[mask] = segment_id
-        area, bbox = int(mask.sum()), _bbox(mask)
-        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-        rle["counts"] = rle["counts"].decode("ascii")
+        area, bbox = int(mask.sum()), segment_bbox(mask)
         objects.append({"category_id": shape.category_id, "bbox": bbox, "area": area, "iscrowd": 0,
-                        "segmentation": rle, "track": index - 1})
+                        "segmentation": mask_to_rle(mask), "track": index - 1})
         segments.append({"id": segment_id, "category_id": shape.category_id, "iscrowd": 0, "bbox": bbox,
                          "area": area})
     for category_id in np.unique(scene.stuff_map).tolist():
@@ -223,8 +202,8 @@ def render(scene: Scene) -> tuple[np.ndarray, dict]:
             continue
         segment_id = len(segments) + 1
         panoptic[mask] = segment_id
-        segments.append({"id": segment_id, "category_id": int(category_id), "iscrowd": 0, "bbox": _bbox(mask),
-                         "area": int(mask.sum())})
+        segments.append({"id": segment_id, "category_id": int(category_id), "iscrowd": 0,
+                         "bbox": segment_bbox(mask), "area": int(mask.sum())})
     return image, {"objects": objects, "panoptic": panoptic, "segments_info": segments}
 
 
