@@ -45,31 +45,23 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_boxes: float) -> 
 
 
 class SetCriterion(nn.Module):
-    """Matches predictions to targets and computes the weighted DETR set loss.
+    """Matches predictions to targets and computes the weighted DETR set loss described by a config.
 
     `losses` picks the terms: "labels" (loss_ce), "boxes" (loss_bbox, loss_giou), "masks" (loss_mask, loss_dice).
-    `weight_dict` maps each term name to its weight; auxiliary terms reuse it with a `_{i}` suffix.
+    Weights and matching costs come from the config's `*_loss_coefficient` / `*_cost` fields; auxiliary terms reuse
+    the weights under a `_{i}` suffix.
     """
 
-    def __init__(self, matcher: HungarianMatcher, num_labels: int, weight_dict: dict[str, float],
-                 focal_alpha: float = 0.25, losses: tuple[str, ...] = ("labels", "boxes")):
+    def __init__(self, config, losses: tuple[str, ...] = ("labels", "boxes")):
         super().__init__()
         unknown = set(losses) - {"labels", "boxes", "masks"}
         if unknown:
             raise ValueError(f"unknown loss terms {sorted(unknown)}; choose from labels, boxes, masks")
-        self.matcher, self.num_labels, self.weight_dict = matcher, num_labels, weight_dict
-        self.focal_alpha, self.losses = focal_alpha, losses
-
-    @classmethod
-    def from_config(cls, config, masks: bool = False) -> "SetCriterion":
-        """The criterion a `ConditionalDetrConfig` describes (masks=True adds the segmentation head's terms)."""
-        weight_dict = {"loss_ce": config.cls_loss_coefficient, "loss_bbox": config.bbox_loss_coefficient,
-                       "loss_giou": config.giou_loss_coefficient}
-        losses = ("labels", "boxes")
-        if masks:
-            weight_dict.update(loss_mask=config.mask_loss_coefficient, loss_dice=config.dice_loss_coefficient)
-            losses += ("masks",)
-        return cls(HungarianMatcher.from_config(config), config.num_labels, weight_dict, config.focal_alpha, losses)
+        self.matcher = HungarianMatcher(config.class_cost, config.bbox_cost, config.giou_cost, config.focal_alpha)
+        self.num_labels, self.focal_alpha, self.losses = config.num_labels, config.focal_alpha, losses
+        self.weight_dict = {"loss_ce": config.cls_loss_coefficient, "loss_bbox": config.bbox_loss_coefficient,
+                            "loss_giou": config.giou_loss_coefficient, "loss_mask": config.mask_loss_coefficient,
+                            "loss_dice": config.dice_loss_coefficient}
 
     def loss_labels(self, outputs, targets, matches, num_boxes):
         logits = outputs["logits"]
@@ -106,13 +98,15 @@ class SetCriterion(nn.Module):
             terms.update(getattr(self, f"loss_{name}")(outputs, targets, matches, num_boxes))
         return terms
 
-    def forward(self, outputs: dict, targets: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict]:
+    def forward(self, outputs, targets: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict]:
         """Return (weighted total loss, {term name: unweighted value}).
 
-        outputs: `logits` (B, Q, C), `pred_boxes` (B, Q, 4) normalized cxcywh, optional `pred_masks` (B, Q, h, w),
+        outputs: a dict or a model output dataclass with `logits` (B, Q, C), `pred_boxes` (B, Q, 4) normalized cxcywh, optional `pred_masks` (B, Q, h, w),
         optional `auxiliary_outputs` (list of dicts with logits / pred_boxes for the intermediate decoder layers).
         targets: per image `class_labels` (N,), `boxes` (N, 4) normalized cxcywh, `masks` (N, H, W) for "masks".
         """
+        if not isinstance(outputs, dict):
+            outputs = vars(outputs)  # the model's output dataclass: same fields, attribute access
         for target in targets:
             labels = target["class_labels"]
             if len(labels) and (labels.min() < 0 or labels.max() >= self.num_labels):

@@ -4,7 +4,7 @@ The cost of assigning query i to object j is `class_cost * focal(i, j) + bbox_co
 (-GIoU(i, j))`. The class term is the focal-loss difference used by Deformable / Conditional DETR with a sigmoid
 classifier (no "no-object" logit): `alpha (1-p)^gamma (-log p) - (1-alpha) p^gamma (-log(1-p))` at the object's
 class. The original code and `transformers` hard-code alpha=0.25, gamma=2 here (quirk Q4); they are arguments
-with those defaults, and `from_config` uses the config's `focal_alpha`.
+with those defaults; the criterion passes the config's `focal_alpha`.
 """
 from __future__ import annotations
 
@@ -25,10 +25,6 @@ class HungarianMatcher(nn.Module):
             raise ValueError("at least one matcher cost (class_cost, bbox_cost, giou_cost) must be non-zero")
         self.class_cost, self.bbox_cost, self.giou_cost = class_cost, bbox_cost, giou_cost
         self.alpha, self.gamma = alpha, gamma
-
-    @classmethod
-    def from_config(cls, config) -> "HungarianMatcher":
-        return cls(config.class_cost, config.bbox_cost, config.giou_cost, alpha=config.focal_alpha)
 
     @torch.no_grad()
     def forward(self, logits: torch.Tensor, pred_boxes: torch.Tensor,

@@ -4,10 +4,15 @@ import math
 import pytest
 import torch
 
+from model.config import ConditionalDetrConfig
 from model.criterion import SetCriterion, dice_loss, sigmoid_focal_loss
-from model.matcher import HungarianMatcher
 
+# The original recipe's weights, which ConditionalDetrConfig's defaults describe.
 WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_mask": 1.0, "loss_dice": 1.0}
+
+
+def _criterion(num_labels, **kwargs):
+    return SetCriterion(ConditionalDetrConfig(num_labels=num_labels), **kwargs)
 
 
 def _focal(logit, target, alpha=0.25):
@@ -32,7 +37,7 @@ def test_dice_loss_by_hand():
 
 
 def test_detection_losses_by_hand():
-    criterion = SetCriterion(HungarianMatcher(), num_labels=3, weight_dict=WEIGHTS)
+    criterion = _criterion(3)
     logits = torch.tensor([[[3.0, -2.0, 0.0], [-1.0, 1.0, -3.0]]], requires_grad=True)
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.05, 0.05]]], requires_grad=True)
     targets = [{"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
@@ -49,7 +54,7 @@ def test_detection_losses_by_hand():
 
 
 def test_auxiliary_outputs_are_matched_independently():
-    criterion = SetCriterion(HungarianMatcher(), num_labels=2, weight_dict=WEIGHTS)
+    criterion = _criterion(2)
     target = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2]])}]
     good = torch.tensor([[[0.3, 0.3, 0.2, 0.2], [0.8, 0.8, 0.1, 0.1]]])
     swapped = good.flip(1)  # in the aux layer the matching query is the other one
@@ -64,8 +69,7 @@ def test_auxiliary_outputs_are_matched_independently():
 
 
 def test_mask_losses_upsample_to_target_size():
-    criterion = SetCriterion(HungarianMatcher(), num_labels=2, weight_dict=WEIGHTS,
-                             losses=("labels", "boxes", "masks"))
+    criterion = _criterion(2, losses=("labels", "boxes", "masks"))
     target_mask = torch.zeros(1, 8, 8)
     target_mask[0, :4] = 1  # top half
     pred = torch.full((1, 2, 2, 2), -20.0)
@@ -81,14 +85,28 @@ def test_mask_losses_upsample_to_target_size():
     assert terms["loss_dice"].item() > 0.95 and terms["loss_mask"].item() > 1.0
 
 
-def test_from_config_uses_original_weights_and_rejects_bad_labels():
-    class Config:
-        class_cost, bbox_cost, giou_cost, focal_alpha, num_labels = 2, 5, 2, 0.25, 4
-        cls_loss_coefficient, bbox_loss_coefficient, giou_loss_coefficient = 2, 5, 2
-        mask_loss_coefficient, dice_loss_coefficient = 1, 1
-
-    criterion = SetCriterion.from_config(Config, masks=True)
+def test_original_weights_and_bad_input():
+    criterion = _criterion(4)
     assert criterion.weight_dict == WEIGHTS  # loss_ce weight 2 as in the original, not 1 as in transformers (Q4)
     with pytest.raises(ValueError, match="class_labels must lie in"):
         criterion({"logits": torch.zeros(1, 2, 4), "pred_boxes": torch.rand(1, 2, 4)},
                   [{"class_labels": torch.tensor([4]), "boxes": torch.tensor([[0.5, 0.5, 0.1, 0.1]])}])
+    with pytest.raises(ValueError, match="unknown loss terms"):
+        _criterion(4, losses=("labels", "cardinality"))
+
+
+def test_detection_model_loss_goes_through_the_criterion():
+    from model.conditional_detr import ConditionalDetrForObjectDetection
+
+    torch.manual_seed(0)
+    config = ConditionalDetrConfig(backbone="resnet18", frozen_batch_norm=False, d_model=32, encoder_layers=1,
+                                   decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5,
+                                   encoder_attention_heads=2, decoder_attention_heads=2, num_labels=3,
+                                   auxiliary_loss=True)
+    model = ConditionalDetrForObjectDetection(config)
+    labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3]])}]
+    output = model(torch.randn(1, 3, 64, 64), labels=labels)
+    loss, terms = SetCriterion(config)(output, labels)
+    assert set(output.loss_dict) == set(terms) == {"loss_ce", "loss_bbox", "loss_giou",
+                                                   "loss_ce_0", "loss_bbox_0", "loss_giou_0"}
+    assert output.loss.item() == pytest.approx(loss.item(), rel=1e-6)
