@@ -1,0 +1,185 @@
+"""Everything configurable about a pipeline run, as one pydantic model.
+
+Layers, later ones win: a YAML/JSON file, then environment variables, then command-line flags.
+Environment variables are `CDETR_<FIELD>` for top-level fields and `CDETR_<SECTION>__<FIELD>` for nested ones
+(e.g. `CDETR_BATCHING__MAX_BATCH_SIZE=4`, `CDETR_REDIS__URL=redis://host:6379/0`); values are parsed as YAML
+scalars, so `CDETR_SOURCES='[{"id": "cam1", "url": "rtsp://..."}]'` works too.
+Invalid values raise `ConfigError` naming the field before anything starts.
+"""
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.sources import parse_source_url
+
+ENV_PREFIX = "CDETR_"
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "model" / "weights" / "shapes-tiny"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names every bad field."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos, never silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(_Section):
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="stream name: cdetr:frames:<id>")
+    url: str = Field(description="file path, file://, http(s)://, rtsp(s)://, udp:// or tcp:// (MPEG-TS)")
+    fps: float | None = Field(None, gt=0, description="sample at most this many frames per second (None: all)")
+    policy: Literal["block", "drop_oldest"] | None = Field(
+        None, description="backpressure: block (default for files) or drop_oldest (default for live sources)")
+
+    @field_validator("url")
+    @classmethod
+    def _allowed_url(cls, url: str) -> str:
+        parse_source_url(url)
+        return url
+
+    @property
+    def live(self) -> bool:
+        return parse_source_url(self.url).live
+
+    @property
+    def backpressure(self) -> str:
+        return self.policy or ("drop_oldest" if self.live else "block")
+
+
+class BatchingConfig(_Section):
+    max_batch_size: int = Field(8, ge=1, description="frames per model call")
+    timeout_ms: float = Field(10.0, ge=0, description="send a partial batch this long after its first frame")
+    max_frames_per_source: int | None = Field(
+        None, ge=1, description="fair share: most frames one source puts in a batch (None: max_batch_size)")
+    max_in_flight_per_source: int = Field(32, ge=1, description="decoded but not yet written frames per source")
+    batches_in_flight_per_worker: int = Field(2, ge=1, description="queued batches per worker (1 = no overlap)")
+
+    @property
+    def source_cap(self) -> int:
+        return min(self.max_frames_per_source or self.max_batch_size, self.max_batch_size)
+
+
+class DecoderConfig(_Section):
+    num_cpus: float = Field(0.25, ge=0, description="Ray CPU reservation per StreamDecoder actor")
+    buffer_size: int = Field(64, ge=1, description="decoded frames buffered per source")
+    open_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(5.0, gt=0)
+    reconnect_initial_s: float = Field(1.0, gt=0, description="first reconnect delay; doubles per failure")
+    reconnect_max_s: float = Field(30.0, gt=0)
+    watchdog_s: float = Field(10.0, gt=0, description="reconnect a live source that yields no frame this long")
+
+
+class WorkersConfig(_Section):
+    count: int = Field(1, ge=1, description="DetectorWorker actors")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per worker; fractional shares a GPU; 0 runs on CPU")
+    num_cpus: float = Field(1.0, ge=0)
+    max_restarts: int = Field(3, ge=-1, description="Ray restarts of a dead worker (-1: forever)")
+    max_task_retries: int = Field(3, ge=-1, description="retries of a batch whose worker died (sink is idempotent)")
+
+
+class ModelSettings(_Section):
+    path: Path = Field(DEFAULT_MODEL_PATH, description="checkpoint dir (config.json + weights) or .pth file")
+    threshold: float = Field(0.5, ge=0, le=1)
+    top_k: int = Field(100, ge=1)
+    panoptic: bool = Field(False, description="also run the panoptic head (needs a segmentation checkpoint)")
+    size: dict[str, int] | None = Field(
+        None, description="processor resize rule override, e.g. {shortest_edge: 480, longest_edge: 800}")
+
+
+class RedisConfig(_Section):
+    url: str | None = Field(None, description="redis:// or rediss:// URL (None: the embedded local default)")
+    prefix: str = Field("cdetr", pattern=r"^[A-Za-z0-9_.-]+$")
+    maxlen: int = Field(100_000, ge=1, description="approximate retention per frames stream (MAXLEN ~)")
+
+    @field_validator("url")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return url
+
+
+class PipelineConfig(_Section):
+    sources: list[SourceConfig] = Field(default_factory=list)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    ray_address: str | None = Field(None, description="Ray cluster address (None: start a local Ray)")
+    keep_running: bool = Field(False, description="after the sources end, wait for control-stream messages")
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> "PipelineConfig":
+        ids = [s.id for s in self.sources]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate source ids: {', '.join(duplicates)}")
+        return self
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
+    """Build the config from a file, `CDETR_*` environment variables and explicit overrides (in that order)."""
+    data: dict[str, Any] = _read_file(Path(path)) if path is not None else {}
+    _merge(data, _from_env(os.environ if env is None else env))
+    _merge(data, dict(overrides or {}))
+    return validate_config(data)
+
+
+def validate_config(data: Mapping[str, Any]) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError("invalid configuration:\n" + "\n".join(_describe(err) for err in e.errors())) from None
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    return f"  {field}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON: one parser for both
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML/JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must contain a mapping at the top level")
+    return data
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = name[len(ENV_PREFIX):].lower().split("__")
+        if keys[0] not in PipelineConfig.model_fields:
+            continue  # CDETR_* variables of other tools are not ours to reject
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"environment variable {name} is not a valid value: {e}") from None
+        _merge(data, _nest(keys, value))
+    return data
+
+
+def _nest(keys: list[str], value: Any) -> dict[str, Any]:
+    for key in reversed(keys):
+        value = {key: value}
+    return value
+
+
+def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value

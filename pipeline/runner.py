@@ -1,0 +1,407 @@
+"""The main job: StreamDecoder actors → Batcher → DetectorWorker actors → RedisSink, driven by one loop.
+
+The loop runs in the driver and only ever holds small objects: chunk metadata and FrameResults. Frame arrays go
+from a decoder's object store straight to a worker (the ObjectRefs are passed as top-level task arguments).
+- Reads: one outstanding `read()` per source, for at most the per-source cap, and never more than
+  `max_in_flight_per_source` frames between decoding and Redis: this is what bounds memory and propagates
+  backpressure to the decoder's buffer.
+- Batches: at most `batches_in_flight_per_worker` per worker, so actor queues stay short.
+- Writes: results are written per source strictly in frame order (explicit entry IDs need it), so a chunk that
+  finishes early waits for the chunks before it.
+- Control: `cdetr:control` is polled for add/remove/stop messages.
+Ctrl-C (or a `stop` message) stops reading, waits for the batches already running, writes them in order and ends;
+unfinished file sources then resume from the last written frame on the next run.
+"""
+import argparse
+import os
+import re
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from pipeline.batcher import Batcher, Chunk
+from pipeline.config import ConfigError, PipelineConfig, SourceConfig, load_config
+from pipeline.decoder import ChunkInfo, StreamDecoder
+from pipeline.metrics import PipelineMetrics
+from pipeline.redis_server import resolve_redis_url
+from pipeline.schema import AddSource, ControlMessage, Event, FrameResult, RemoveSource, Stop
+from pipeline.sink import RedisSink, connect
+from pipeline.worker import DetectorWorker, check_model_path, load_processor
+
+_READ_WAIT_S = 0.5  # how long a decoder's read() waits for a first frame
+_CONTROL_POLL_S = 0.5
+_DROP_EVENT_INTERVAL_S = 1.0
+
+
+@dataclass
+class SourceRun:
+    config: SourceConfig
+    decoder: ray.actor.ActorHandle
+    read: list | None = None  # [info_ref, frames_ref] of the outstanding read()
+    in_flight: int = 0  # frames read from the decoder but not yet written
+    pending: deque[Chunk] = field(default_factory=deque)  # read but not yet written, in frame order
+    decoded_all: bool = False
+    status: str = "running"  # running | eos | error | removed | stopped
+    last_index: int | None = None
+    last_drop_event: float = 0.0
+    progress: tqdm | None = None
+
+    @property
+    def active(self) -> bool:
+        return not self.decoded_all or self.read is not None or bool(self.pending)
+
+
+class Job:
+    def __init__(self, config: PipelineConfig, sink: RedisSink, progress: bool = False):
+        self.config = config
+        self.sink = sink
+        self.show_progress = progress
+        self.metrics = PipelineMetrics()
+        self.batcher = Batcher(config.batching.max_batch_size, config.batching.timeout_ms / 1e3)
+        self.size = load_processor(config.model).size
+        self.sources: dict[str, SourceRun] = {}
+        self.finished: dict[str, SourceRun] = {}
+        self.workers: list[ray.actor.ActorHandle] = []
+        self.batches: dict[ray.ObjectRef, tuple[int, list[Chunk]]] = {}  # in flight: worker index, chunks
+        self.stopping = False
+        self._control_cursor = "0-0"
+        self._next_control_poll = 0.0
+
+    # --- lifecycle ---
+
+    def run(self) -> dict[str, dict]:
+        """Process until every source has ended (or a stop); returns the per-source summary."""
+        self._start_workers()
+        self._control_cursor = self._control_tail()
+        for source in self.config.sources:
+            self.add_source(source)
+        try:
+            while True:
+                try:
+                    if self._step():
+                        break
+                except KeyboardInterrupt:
+                    if self.stopping:
+                        raise  # a second Ctrl-C: give up on the in-flight batches
+                    print("cdetr: stopping; writing the batches in flight (Ctrl-C again to abort)", file=sys.stderr)
+                    self.stop()
+        finally:
+            self._shutdown()
+        return self.summary()
+
+    def stop(self) -> None:
+        self.stopping = True
+        for run in self.sources.values():
+            run.status = "stopped" if run.status == "running" else run.status
+            run.decoder.stop.remote()
+
+    def summary(self) -> dict[str, dict]:
+        stats = self.metrics.summary()
+        runs = {**self.finished, **self.sources}
+        return {source_id: {"status": run.status, **stats.get(source_id, {"frames": 0, "fps": None, "p50_ms": None,
+                                                                          "p95_ms": None, "dropped": 0})}
+                for source_id, run in runs.items()}
+
+    def add_source(self, source: SourceConfig) -> None:
+        if source.id in self.sources:
+            self.sink.event(Event(type="error", source_id=source.id, message="a source with this id is running"))
+            return
+        state = self.sink.state(source.id)
+        if state.finished:
+            print(f"cdetr: {source.id}: already complete in Redis ({self.sink.frames_key(source.id)} ends with eos);"
+                  " skipped", file=sys.stderr)
+            return
+        start = 0 if state.last_frame_index is None else state.last_frame_index + 1
+        decoder = ray.remote(StreamDecoder).options(num_cpus=self.config.decoder.num_cpus).remote(
+            source, self.size, self.config.decoder, start)
+        self.sources[source.id] = SourceRun(source, decoder, last_index=state.last_frame_index)
+
+    def remove_source(self, source_id: str) -> None:
+        run = self.sources.get(source_id)
+        if run is None:
+            self.sink.event(Event(type="error", source_id=source_id, message="no running source with this id"))
+            return
+        run.status = "removed"
+        run.decoder.stop.remote()
+
+    def _start_workers(self) -> None:
+        check_model_path(self.config.model)
+        w = self.config.workers
+        actor = ray.remote(DetectorWorker).options(num_cpus=w.num_cpus, num_gpus=w.num_gpus,
+                                                   max_restarts=w.max_restarts, max_task_retries=w.max_task_retries)
+        self.workers = [actor.remote(self.config.model, max(1, int(w.num_cpus))) for _ in range(w.count)]
+        ray.get([worker.device.remote() for worker in self.workers])  # a model that fails to load fails here
+
+    def _shutdown(self) -> None:
+        for run in [*self.sources.values(), *self.finished.values()]:
+            if run.progress is not None:
+                run.progress.close()
+            ray.kill(run.decoder)
+        for worker in self.workers:
+            ray.kill(worker)
+
+    # --- the loop ---
+
+    def _step(self) -> bool:
+        """One turn of the loop; True when the job is over."""
+        if not self.stopping:
+            self._issue_reads()
+        self._wait(self._timeout())
+        if not self.stopping:
+            self._dispatch()
+            self._poll_control()
+        if self.stopping:
+            return not self.batches
+        return not self.config.keep_running and not self.sources and not self.batches
+
+    def _issue_reads(self) -> None:
+        cap, limit = self.config.batching.source_cap, self.config.batching.max_in_flight_per_source
+        for run in self.sources.values():
+            if run.read is None and not run.decoded_all and run.in_flight < limit:
+                n = min(cap, limit - run.in_flight)
+                run.read = run.decoder.read.options(num_returns=2).remote(n, _READ_WAIT_S)
+
+    def _timeout(self) -> float:
+        deadline = self.batcher.deadline()
+        return _READ_WAIT_S if deadline is None else min(_READ_WAIT_S, max(0.0, deadline - time.time()))
+
+    def _wait(self, timeout: float) -> None:
+        reads = {run.read[0]: run for run in self.sources.values() if run.read is not None}
+        refs = [*reads, *self.batches]
+        if not refs:
+            time.sleep(timeout)
+            return
+        ray.wait(refs, num_returns=1, timeout=timeout, fetch_local=False)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in ready:
+            if ref in reads:
+                self._on_read(reads[ref])
+            else:
+                self._on_batch(ref)
+
+    def _on_read(self, run: SourceRun) -> None:
+        info_ref, frames_ref = run.read
+        run.read = None
+        try:
+            info: ChunkInfo = ray.get(info_ref)
+        except ray.exceptions.RayError as e:
+            self._fail(run, f"decoder died: {e}")
+            return
+        for event in info.events:
+            self._on_decoder_event(run, event)
+        self._on_drops(run, info.dropped)
+        if info.frames:
+            chunk = Chunk(run.config.id, len(info.frames), info, frames_ref, time.time())
+            self.batcher.add(chunk)
+            run.pending.append(chunk)
+            run.in_flight += chunk.size
+            self.metrics.queue_depth(run.config.id, run.in_flight)
+        if info.finished:
+            run.decoded_all = True
+            self._finish_if_done(run)
+
+    def _on_decoder_event(self, run: SourceRun, event: Event) -> None:
+        self.sink.event(event)
+        if event.type == "error":
+            run.status = "error"
+            print(f"cdetr: {run.config.id}: {event.message}", file=sys.stderr)
+        elif event.type == "started" and self.show_progress and not run.config.live:
+            run.progress = tqdm(total=_expected_frames(run.config, event.details), desc=run.config.id,
+                                unit="frame", position=len(self.finished) + len(self.sources), leave=True)
+
+    def _on_drops(self, run: SourceRun, total: int) -> None:
+        new = self.metrics.dropped(run.config.id, total)
+        now = time.time()
+        if new and now - run.last_drop_event >= _DROP_EVENT_INTERVAL_S:
+            run.last_drop_event = now
+            self.sink.event(Event(type="dropped", source_id=run.config.id, details={"total": total}))
+
+    def _dispatch(self) -> None:
+        while True:
+            worker = self._free_worker()
+            if worker is None:
+                return
+            batch = self.batcher.next_batch(time.time())
+            if batch is None:
+                return
+            ref = self.workers[worker].infer.remote([c.info for c in batch], *[c.frames for c in batch])
+            self.batches[ref] = (worker, batch)
+
+    def _free_worker(self) -> int | None:
+        load = [0] * len(self.workers)
+        for worker, _ in self.batches.values():
+            load[worker] += 1
+        best = min(range(len(load)), key=load.__getitem__)
+        return best if load[best] < self.config.batching.batches_in_flight_per_worker else None
+
+    def _on_batch(self, ref: ray.ObjectRef) -> None:
+        _, batch = self.batches.pop(ref)
+        try:
+            per_chunk: list[list[FrameResult]] = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            for chunk in batch:
+                if chunk.source_id in self.sources:
+                    self._fail(self.sources[chunk.source_id], f"inference failed: {e}")
+            return
+        for chunk, results in zip(batch, per_chunk):
+            chunk.results = results
+        self._write_ready({chunk.source_id for chunk in batch})
+
+    def _write_ready(self, source_ids: set[str]) -> None:
+        """Write every source's completed chunks that have no unfinished chunk before them, in one round trip."""
+        runs = [self.sources[i] for i in source_ids if i in self.sources]
+        batches = []
+        for run in runs:
+            while run.pending and run.pending[0].results is not None:
+                batches.append((run, run.pending.popleft().results))
+        self.sink.write_frames([r for _, results in batches for r in results])
+        self.metrics.written([r for _, results in batches for r in results])
+        for run, results in batches:
+            run.in_flight -= len(results)
+            run.last_index = results[-1].frame_index
+            self.metrics.queue_depth(run.config.id, run.in_flight)
+            if run.progress is not None:
+                run.progress.update(len(results))
+        for run in runs:
+            self._finish_if_done(run)
+
+    def _finish_if_done(self, run: SourceRun) -> None:
+        if run.active:
+            return
+        if run.status in ("running", "removed"):
+            frames = self.metrics.sources.get(run.config.id)
+            self.sink.write_eos(run.config.id, run.last_index, frames.frames if frames else 0)
+            run.status = "eos" if run.status == "running" else run.status
+        self.finished[run.config.id] = self.sources.pop(run.config.id)
+
+    def _fail(self, run: SourceRun, message: str) -> None:
+        self.sink.event(Event(type="error", source_id=run.config.id, message=message))
+        run.status = "error"
+        run.decoder.stop.remote()
+        for chunk in run.pending:  # drop what this source still has in the batcher
+            self.batcher.remove(chunk)
+        run.pending.clear()
+        run.read, run.decoded_all, run.in_flight = None, True, 0
+        self._finish_if_done(run)
+
+    # --- control stream ---
+
+    def _control_tail(self) -> str:
+        """Only messages sent after the job started count."""
+        last = self.sink.client.xrevrange(self.sink.control_key, count=1)
+        return last[0][0] if last else "0-0"
+
+    def _poll_control(self) -> None:
+        now = time.monotonic()
+        if now < self._next_control_poll:
+            return
+        self._next_control_poll = now + _CONTROL_POLL_S
+        reply = self.sink.client.xread({self.sink.control_key: self._control_cursor}, count=100)
+        for _, entries in reply:
+            for entry_id, fields in entries:
+                self._control_cursor = entry_id
+                self._on_control(fields.get("json", ""))
+
+    def _on_control(self, raw: str) -> None:
+        try:
+            message = ControlMessage.validate_json(raw)
+        except ValidationError as e:
+            self.sink.event(Event(type="error", message=f"invalid control message: {e.errors()[0]['msg']}",
+                                  details={"raw": raw[:1000]}))
+            return
+        if isinstance(message, AddSource):
+            self.add_source(message.source)
+        elif isinstance(message, RemoveSource):
+            self.remove_source(message.source_id)
+        elif isinstance(message, Stop):
+            self.stop()
+
+
+def _expected_frames(source: SourceConfig, details: dict) -> int | None:
+    """Frames the progress bar expects, from the container's header (None when it does not say)."""
+    if source.fps is not None and details.get("duration_s"):
+        return int(details["duration_s"] * source.fps)
+    frames = details.get("frames")
+    return None if frames is None else max(0, frames - details.get("start_index", 0))
+
+
+def run_job(config: PipelineConfig, progress: bool = False) -> dict[str, dict]:
+    """Connect to (or start) Redis and Ray, run the job, return the per-source summary."""
+    sink = RedisSink(connect(resolve_redis_url(config.redis.url)), config.redis.prefix, config.redis.maxlen)
+    if not ray.is_initialized():
+        if config.ray_address is None:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster needs no tokens
+        ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False)
+    return Job(config, sink, progress).run()
+
+
+# --- `cdetr run` ---
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sources", nargs="*", metavar="SOURCE", help="file path or http(s)/rtsp/udp/tcp URL")
+    parser.add_argument("--source-id", action="append", default=[], metavar="ID",
+                        help="stream id per SOURCE, in order (default: derived from the file name)")
+    parser.add_argument("--model", type=Path, help="checkpoint dir or .pth (default: the bundled shapes-tiny)")
+    parser.add_argument("--panoptic", action="store_true", default=None, help="also run the panoptic head")
+    parser.add_argument("--redis-url", help="redis:// or rediss:// URL (default: local, started if needed)")
+    parser.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+    parser.add_argument("--config", type=Path, help="YAML/JSON config file (see pipeline/config.py)")
+    parser.add_argument("--fps", type=float, help="sample every source at most at this rate")
+    parser.add_argument("--batch-size", type=int, help="frames per model call")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, overrides=_overrides(args))
+    except (ConfigError, ValueError) as e:
+        print(f"cdetr run: {e}", file=sys.stderr)
+        return 2
+    if not config.sources and not config.keep_running:
+        print("cdetr run: no sources (give SOURCE arguments or `sources` in --config)", file=sys.stderr)
+        return 2
+    summary = run_job(config, progress=True)
+    print_summary(summary)
+    return 0 if all(s["status"] in ("eos", "removed") for s in summary.values()) else 1
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    if args.source_id and len(args.source_id) != len(args.sources):
+        raise ConfigError(f"{len(args.source_id)} --source-id for {len(args.sources)} sources")
+    ids = args.source_id or _default_ids(args.sources)
+    overrides: dict = {}
+    if args.sources:
+        overrides["sources"] = [{"id": i, "url": url, **({"fps": args.fps} if args.fps else {})}
+                                for i, url in zip(ids, args.sources)]
+    model = {k: v for k, v in (("path", args.model), ("panoptic", args.panoptic)) if v is not None}
+    if model:
+        overrides["model"] = model
+    if args.redis_url:
+        overrides["redis"] = {"url": args.redis_url}
+    if args.ray_address:
+        overrides["ray_address"] = args.ray_address
+    if args.batch_size is not None:
+        overrides["batching"] = {"max_batch_size": args.batch_size}
+    return overrides
+
+
+def _default_ids(urls: list[str]) -> list[str]:
+    """`video.mp4` → `video`; sanitized to the id alphabet; numbered when two would collide."""
+    ids = []
+    for i, url in enumerate(urls):
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(url.rstrip("/")).stem)[:60] or f"source{i}"
+        ids.append(stem if stem not in ids else f"{stem}-{i}")
+    return ids
+
+
+def print_summary(summary: dict[str, dict]) -> None:
+    print(f"{'source':<24} {'status':<8} {'frames':>7} {'fps':>7} {'p50 ms':>8} {'p95 ms':>8} {'dropped':>8}")
+    for source_id, s in summary.items():
+        cells = [s["frames"], s["fps"], s["p50_ms"], s["p95_ms"], s["dropped"]]
+        print(f"{source_id:<24} {s['status']:<8} " + " ".join(
+            f"{'-' if v is None else v:>{w}}" for v, w in zip(cells, (7, 7, 8, 8, 8))))

@@ -1,0 +1,109 @@
+"""The Redis wire format, version 1 (DESIGN.md "Redis wire contract"), as pydantic models.
+
+Producers and Python subscribers share these classes; `cdetr schema` prints their JSON Schema for everyone else.
+Fields may be added, never renamed; `v` bumps on a breaking change. Readers ignore fields they do not know, so an
+older subscriber keeps working against a newer producer.
+"""
+import argparse
+import json
+import time
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic.json_schema import models_json_schema
+
+from pipeline.config import SourceConfig
+
+WIRE_VERSION = 1
+EVENT_TYPES = ("started", "reconnecting", "recovered", "error", "eos", "dropped")
+
+
+class Detection(BaseModel):
+    label: int
+    label_name: str
+    score: float
+    box: tuple[float, float, float, float] = Field(description="[x0, y0, x1, y1] in source-frame pixels")
+
+
+class Segment(BaseModel):
+    id: int = Field(description="segment id in the PNG: R + 256*G + 256^2*B")
+    category_id: int
+    label_name: str
+    isthing: bool
+    score: float
+    area: int
+    bbox: tuple[float, float, float, float] = Field(description="[x, y, w, h] in PNG pixels")
+
+
+class Panoptic(BaseModel):
+    png: str = Field(description="base64 PNG, id = R + 256*G + 256^2*B, 0 = void; at model input resolution")
+    segments: list[Segment]
+
+
+class FrameResult(BaseModel):
+    v: Literal[1] = WIRE_VERSION
+    source_id: str
+    frame_index: int = Field(ge=0, description="index of the decoded frame in its source (0-based)")
+    pts: float | None = Field(description="presentation time in seconds, from the container")
+    captured_at: float = Field(description="unix time the frame was decoded")
+    width: int = Field(description="source frame width")
+    height: int = Field(description="source frame height")
+    model: str
+    detections: list[Detection]
+    panoptic: Panoptic | None = None
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+
+class Event(BaseModel):
+    v: Literal[1] = WIRE_VERSION
+    type: Literal["started", "reconnecting", "recovered", "error", "eos", "dropped"]
+    source_id: str | None = None
+    at: float = Field(default_factory=time.time, description="unix time of the event")
+    message: str = ""
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class AddSource(BaseModel):
+    """Control message: start processing another source."""
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["add"]
+    source: SourceConfig
+
+
+class RemoveSource(BaseModel):
+    """Control message: stop a source; what it already decoded is written, then its `eos`."""
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["remove"]
+    source_id: str
+
+
+class Stop(BaseModel):
+    """Control message: stop the job as Ctrl-C does."""
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["stop"]
+
+
+# Messages on `cdetr:control` (field `json`) are parsed by this adapter only: JSON in, validated models out.
+ControlMessage = TypeAdapter(Annotated[Union[AddSource, RemoveSource, Stop], Field(discriminator="op")])
+
+SCHEMAS = {"frame": FrameResult, "event": Event, "control": ControlMessage}
+
+
+def json_schema(name: str) -> dict[str, Any]:
+    """JSON Schema of one wire message (`frame`, `event`, `control`), or all of them under `$defs` for `all`."""
+    if name in SCHEMAS:
+        schema = SCHEMAS[name]
+        return schema.json_schema() if isinstance(schema, TypeAdapter) else schema.model_json_schema()
+    _, defs = models_json_schema([(m, "validation") for m in (FrameResult, Event, AddSource, RemoveSource, Stop)],
+                                 title=f"cdetr Redis wire format v{WIRE_VERSION}")
+    return defs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("which", nargs="?", default="all", choices=("all", *SCHEMAS),
+                        help="FrameResult (frame), Event (event), control message (control) or all (default)")
+
+
+def run(args: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(args.which), indent=2))
+    return 0

@@ -1,0 +1,115 @@
+"""DetectorWorker: loads the model once and turns batches of model-sized frames into FrameResults.
+
+`Detector` is the model + processor + post-processing without Ray (also used by `cdetr detect`);
+`DetectorWorker` is the Ray actor around it that also fills in the per-frame metadata and timings.
+"""
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import ConditionalDetrForObjectDetection, ConditionalDetrImageProcessor
+from pipeline.config import ModelSettings
+from pipeline.decoder import ChunkInfo
+from pipeline.schema import Detection, FrameResult, Panoptic
+
+
+def load_processor(settings: ModelSettings) -> ConditionalDetrImageProcessor:
+    """The checkpoint's processor (preprocessor_config.json) if it has one, with the `size` override applied."""
+    path = Path(settings.path)
+    if (path / "preprocessor_config.json").is_file():
+        processor = ConditionalDetrImageProcessor.from_pretrained(path)
+    else:
+        processor = ConditionalDetrImageProcessor()
+    if settings.size is not None:
+        processor.size = dict(settings.size)
+    return processor
+
+
+def check_model_path(settings: ModelSettings) -> None:
+    """Fail before any actor starts when the checkpoint is missing or the panoptic head is unavailable."""
+    path = Path(settings.path)
+    if not path.exists():
+        raise FileNotFoundError(f"model checkpoint {path} does not exist")
+    if settings.panoptic:
+        _segmentation_class()
+
+
+def _segmentation_class():
+    try:
+        from model import ConditionalDetrForSegmentation
+        return ConditionalDetrForSegmentation
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(f"--panoptic needs model.ConditionalDetrForSegmentation, which is not available: {e}") \
+            from None
+
+
+class Detector:
+    def __init__(self, settings: ModelSettings, device: str = "cpu"):
+        self.settings = settings
+        self.device = torch.device(device)
+        self.processor = load_processor(settings)
+        model_class = _segmentation_class() if settings.panoptic else ConditionalDetrForObjectDetection
+        self.model = model_class.from_pretrained(settings.path).to(self.device).eval()
+        self.id2label: dict[int, str] = self.model.config.id2label
+        self.name = Path(settings.path).name
+
+    @torch.inference_mode()
+    def __call__(self, frames: list[torch.Tensor], source_sizes: list[tuple[int, int]]
+                 ) -> tuple[list[tuple[list[Detection], Panoptic | None]], dict[str, float]]:
+        """Detections (boxes in `source_sizes` pixels) for uint8 (h, w, 3) frames, and the batch's timings."""
+        started = time.perf_counter()
+        same_size = all(f.shape == frames[0].shape for f in frames)
+        inputs = self.processor.preprocess_frames(torch.stack(frames) if same_size else frames)
+        outputs = self.model(inputs["pixel_values"], inputs["pixel_mask"])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        inferred = time.perf_counter()
+        detections = self.processor.post_process_object_detection(
+            outputs, threshold=self.settings.threshold, target_sizes=source_sizes, top_k=self.settings.top_k)
+        results = [(self._detections(d), None) for d in detections]
+        timings = {"inference": (inferred - started) * 1e3, "postprocess": (time.perf_counter() - inferred) * 1e3}
+        return results, timings
+
+    def _detections(self, result: dict[str, torch.Tensor]) -> list[Detection]:
+        return [Detection(label=label, label_name=self.id2label.get(label, str(label)), score=score,
+                          box=tuple(box))
+                for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(),
+                                             result["boxes"].tolist())]
+
+
+class DetectorWorker:
+    """Ray actor: one model per worker; `num_gpus` comes from the actor options, CPU when there is no GPU."""
+
+    def __init__(self, settings: ModelSettings, num_threads: int = 1):
+        torch.set_num_threads(max(1, num_threads))
+        device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
+        self.detector = Detector(settings, device)
+
+    def device(self) -> str:
+        return str(self.detector.device)
+
+    def infer(self, infos: list[ChunkInfo], *chunks: np.ndarray) -> list[list[FrameResult]]:
+        """One batch: chunk `i` holds the frames of `infos[i]`. Returns FrameResults per chunk, in order."""
+        started = time.time()
+        device = self.detector.device
+        # Object-store arrays are read-only; one copy per chunk onto the model's device.
+        frames = [f for chunk in chunks for f in torch.from_numpy(np.array(chunk)).to(device)]
+        frames_of = [(info.source_id, m) for info in infos for m in info.frames]
+        outputs, timings = self.detector(frames, [(m.height, m.width) for _, m in frames_of])
+        results = [FrameResult(source_id=source_id, frame_index=m.frame_index, pts=m.pts, captured_at=m.captured_at,
+                               width=m.width, height=m.height, model=self.detector.name, detections=detections,
+                               panoptic=panoptic,
+                               timings_ms={"decode": m.decode_ms, "queue": (started - m.captured_at) * 1e3,
+                                           **timings})
+                   for (source_id, m), (detections, panoptic) in zip(frames_of, outputs)]
+        return _split(results, [len(info.frames) for info in infos])
+
+
+def _split(items: list, sizes: list[int]) -> list[list]:
+    out, start = [], 0
+    for size in sizes:
+        out.append(items[start:start + size])
+        start += size
+    return out
