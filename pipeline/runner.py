@@ -213,7 +213,7 @@ class Job:
             print(f"cdetr: {run.config.id}: {event.message}", file=sys.stderr)
         elif event.type == "started" and self.show_progress and not run.config.live:
             run.progress = tqdm(total=_expected_frames(run.config, event.details), desc=run.config.id,
-                                unit="frame", position=len(self.finished) + len(self.sources), leave=True)
+                                unit="frame")
 
     def _on_drops(self, run: SourceRun, total: int) -> None:
         new = self.metrics.dropped(run.config.id, total)

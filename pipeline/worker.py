@@ -18,13 +18,10 @@ from pipeline.schema import Detection, FrameResult, Panoptic
 def load_processor(settings: ModelSettings) -> ConditionalDetrImageProcessor:
     """The checkpoint's processor (preprocessor_config.json) if it has one, with the `size` override applied."""
     path = Path(settings.path)
+    overrides = {} if settings.size is None else {"size": dict(settings.size)}
     if (path / "preprocessor_config.json").is_file():
-        processor = ConditionalDetrImageProcessor.from_pretrained(path)
-    else:
-        processor = ConditionalDetrImageProcessor()
-    if settings.size is not None:
-        processor.size = dict(settings.size)
-    return processor
+        return ConditionalDetrImageProcessor.from_pretrained(path, **overrides)
+    return ConditionalDetrImageProcessor(**overrides)
 
 
 def check_model_path(settings: ModelSettings) -> None:

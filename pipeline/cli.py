@@ -1,0 +1,33 @@
+"""`cdetr`: a registry of subcommands, each a module with `add_arguments(parser)` and `run(args) -> int`.
+
+Only the chosen command's module is imported (Ray, torch and PyAV are slow to import). To add a command, add one
+line to COMMANDS.
+"""
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("pipeline.runner", "run the streaming pipeline: sources -> Ray workers -> Redis Streams"),
+    "subscribe": ("pipeline.subscriber", "print a source's FrameResults from Redis as JSON lines"),
+    "detect": ("pipeline.detect", "detect on single images: JSON + rendered PNG"),
+    "sample-video": ("pipeline.sample_video", "write a procedural shapes video with ground truth"),
+    "render": ("pipeline.render", "annotated video of a source from its results in Redis"),
+    "schema": ("pipeline.schema", "print the JSON Schema of the Redis wire format"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="cdetr", description="Conditional DETR streaming video analytics")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if argv and argv[0] == name:
+            importlib.import_module(module).add_arguments(sub)
+    args = parser.parse_args(argv)
+    return importlib.import_module(COMMANDS[args.command][0]).run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
