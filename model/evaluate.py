@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from model.box_ops import box_xyxy_to_xywh
-from model.panoptic import decode_id_png, mask_to_rle
+from model.panoptic import decode_id_png
 
 COCO_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
               "AR_1", "AR_10", "AR_100", "AR_small", "AR_medium", "AR_large")
@@ -141,12 +141,10 @@ def evaluate(model, processor, data_dir: str | Path, batch_size: int = 8, device
         if getattr(outputs, "pred_masks", None) is None:
             continue
         for info, result in zip(infos, processor.post_process_instance_segmentation(
-                outputs, threshold=0.0, target_sizes=sizes, return_binary_maps=True)):
-            for segment in result["segments_info"]:
-                mask = result["segmentation"][segment["id"]] if result["segmentation"].dim() == 3 else \
-                    result["segmentation"] == segment["id"]
+                outputs, threshold=0.0, target_sizes=sizes, return_coco_annotation=True)):
+            for segment, rle in zip(result["segments_info"], result["segmentation"]):
                 instances.append({"image_id": info["id"], "category_id": segment["label_id"],
-                                  "segmentation": mask_to_rle(mask), "score": segment["score"]})
+                                  "segmentation": rle, "score": segment["score"]})
         if panoptic:
             for info, result in zip(infos, processor.post_process_panoptic_segmentation(
                     outputs, threshold=threshold, label_ids_to_fuse=set(stuff_ids), target_sizes=sizes)):
@@ -192,3 +190,9 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).write_text(text + "\n")
     print(text)
     return 0
+
+
+if __name__ == "__main__":
+    main_parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.splitlines()[0])
+    add_arguments(main_parser)
+    raise SystemExit(run(main_parser.parse_args()))
