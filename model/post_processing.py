@@ -98,6 +98,9 @@ def _fit_masks(masks: torch.Tensor, processed_size: tuple[int, int] | None, padd
     resize to the target size (bilinear, align_corners=False). Without `processed_size` the whole mask is used,
     which is right when the image filled its canvas (all frames of one video).
     """
+    if len(masks) == 0:  # F.interpolate rejects empty batches
+        height, width = target_size or processed_size or masks.shape[-2:]
+        return masks.new_zeros((0, height, width))
     if processed_size is not None:
         masks = F.interpolate(masks[None], size=padded_size, mode="bilinear", align_corners=False)[0]
         masks = masks[:, : processed_size[0], : processed_size[1]]
