@@ -2,7 +2,7 @@
 
 Without a group the subscriber reads the stream from the start (or `start_id`). With a group it gets
 at-least-once delivery: an entry is acknowledged when the loop asks for the next one (so an entry whose handler
-crashed stays pending); on start it first re-reads its own pending entries, then claims entries other consumers
+crashed stays pending, with the rest of the up to 100 entries read ahead with it); on start it first re-reads its own pending entries, then claims entries other consumers
 left pending longer than `claim_idle_ms` (XAUTOCLAIM), then reads new ones. Iteration ends after the `eos` entry
 (acknowledged too), or when `block_ms` passes without a new entry if `block_ms` is not None.
 """
