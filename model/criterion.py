@@ -121,7 +121,8 @@ class SetCriterion(nn.Module):
         total = sum(self.weight_dict[k] * v for k, v in terms.items())
         # Intermediate layers have no masks (as in DETR): only their class and box terms are supervised.
         aux_losses = tuple(name for name in self.losses if name != "masks")
-        for i, aux in enumerate(outputs.get("auxiliary_outputs") or []):
+        aux_outputs = (outputs.get("auxiliary_outputs") or []) if aux_losses else []
+        for i, aux in enumerate(aux_outputs):
             for k, v in self._terms(aux, targets, num_boxes, aux_losses).items():
                 terms[f"{k}_{i}"] = v
                 total = total + self.weight_dict[k] * v

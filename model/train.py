@@ -5,6 +5,10 @@ the learning rate (x0.1 at `lr_drop`), a checkpoint every epoch that `--resume` 
 and a JSON-lines metrics log. Runs on CPU or CUDA. A run is described by a JSON file (`model/configs/*.json`) with a
 "model" section (ConditionalDetrConfig fields) and a "train" section (defaults of the options below).
 
+Panoptic models follow DETR's two stages: `--panoptic` trains the detector on the panoptic targets (things and
+stuff segments as boxes); `--panoptic --detector DIR` then wraps that detector in `ConditionalDetrForSegmentation`,
+freezes it and trains the mask head on the same data.
+
 Output directory: `config.json` + `model.safetensors` + `preprocessor_config.json` (a loadable model, rewritten
 every epoch), `checkpoint.pth` (model, optimizer, scheduler, epoch; for resuming) and `log.jsonl`.
 """
@@ -25,7 +29,7 @@ from tqdm import tqdm
 from model import shapes
 from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig
-from model.datasets import Collator, CocoDetection, make_transforms
+from model.datasets import Collator, CocoDetection, CocoPanoptic, make_transforms
 from model.image_processor import ConditionalDetrImageProcessor
 
 TRAIN_DEFAULTS = {"epochs": 50, "batch_size": 8, "lr": 1e-4, "lr_backbone": 1e-5, "weight_decay": 1e-4,
@@ -61,10 +65,32 @@ def _to(labels: list[dict], device: torch.device) -> list[dict]:
     return [{k: v.to(device) for k, v in target.items()} for target in labels]
 
 
+def set_train_mode(model: torch.nn.Module) -> None:
+    """Training mode, except for frozen batch-norm layers (e.g. a frozen detector's plain-BN backbone), which
+    must keep the statistics they were trained with."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters()):
+            module.eval()
+
+
+def build_model(model_config: dict, device: str, detector: str | Path | None = None) -> torch.nn.Module:
+    """A new detector from the config fields, or (stage 2) a segmentation model around a trained, frozen one."""
+    if detector is None:
+        config = ConditionalDetrConfig(**{"id2label": shapes.ID2LABEL, **model_config})
+        return ConditionalDetrForObjectDetection(config).to(device)
+    from model.segmentation import ConditionalDetrForSegmentation
+
+    model = ConditionalDetrForSegmentation.from_detector(ConditionalDetrForObjectDetection.from_pretrained(detector))
+    model.freeze_detector()
+    return model.to(device)
+
+
 def train_one_epoch(model, loader, optimizer, device, clip_max_norm: float, epoch: int, log,
                     deadline: float = math.inf) -> bool:
     """One pass over `loader`; returns False when the deadline stopped it early."""
-    model.train()
+    set_train_mode(model)
     progress = tqdm(loader, desc=f"epoch {epoch}", dynamic_ncols=True, mininterval=5.0)
     for step, batch in enumerate(progress):
         output = model(batch["pixel_values"].to(device), batch["pixel_mask"].to(device),
@@ -88,8 +114,12 @@ def train_one_epoch(model, loader, optimizer, device, clip_max_norm: float, epoc
 
 def train(model_config: dict, options: dict, train_data: str | Path, output_dir: str | Path,
           val_data: str | Path | None = None, resume: str | Path | None = None, device: str = "cpu",
-          max_minutes: float | None = None) -> Path:
-    """Train a detector and write it to `output_dir` (see the module docstring); returns `output_dir`."""
+          max_minutes: float | None = None, panoptic: bool = False, detector: str | Path | None = None) -> Path:
+    """Train and write the model to `output_dir` (see the module docstring); returns `output_dir`.
+
+    `model_config` is ignored with `detector`, whose own config is kept."""
+    if detector is not None and not panoptic:
+        raise ValueError("a frozen detector is only used to train the panoptic mask head: pass panoptic=True")
     deadline = time.monotonic() + 60 * max_minutes if max_minutes else math.inf
     random.seed(options["seed"])
     np.random.seed(options["seed"])
@@ -97,10 +127,9 @@ def train(model_config: dict, options: dict, train_data: str | Path, output_dir:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    config = ConditionalDetrConfig(**{"id2label": shapes.ID2LABEL, **model_config})
-    model = ConditionalDetrForObjectDetection(config).to(device)
+    model = build_model(model_config, device, detector)
     processor = make_processor(options["image_size"])
-    dataset = CocoDetection(train_data, make_transforms(True, options["image_size"]))
+    dataset = (CocoPanoptic if panoptic else CocoDetection)(train_data, make_transforms(True, options["image_size"]))
     loader = DataLoader(dataset, batch_size=options["batch_size"], shuffle=True, drop_last=len(dataset) > options[
         "batch_size"], collate_fn=Collator(processor), num_workers=options["num_workers"])
     optimizer = make_optimizer(model, options["lr"], options["lr_backbone"], options["weight_decay"])
@@ -135,8 +164,8 @@ def train(model_config: dict, options: dict, train_data: str | Path, output_dir:
                 from model.evaluate import evaluate
 
                 metrics = evaluate(model, processor, val_data, options["batch_size"], device)
-                log({"event": "eval", "epoch": epoch, "bbox": metrics["bbox"]})
-                model.train()
+                metrics.get("panoptic", {}).pop("per_class", None)
+                log({"event": "eval", "epoch": epoch, **metrics})
             if not finished:
                 log({"event": "deadline", "epoch": epoch})
                 break
@@ -151,6 +180,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-data", help="evaluate bbox AP on this set after every epoch")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--resume", help="checkpoint.pth to continue from")
+    parser.add_argument("--panoptic", action="store_true",
+                        help="train on the panoptic targets (things and stuff); see --detector")
+    parser.add_argument("--detector", help="with --panoptic: a trained detector directory; train only the mask "
+                                           "head of a ConditionalDetrForSegmentation around it (frozen)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-minutes", type=float, help="stop (and save) after this much wall-clock time")
     for name, default in TRAIN_DEFAULTS.items():
@@ -163,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     model_config, options = load_run_config(args.config)
     options.update({k: getattr(args, k) for k in TRAIN_DEFAULTS if getattr(args, k) is not None})
     out = train(model_config, options, args.data, args.output_dir, args.val_data, args.resume, args.device,
-                args.max_minutes)
+                args.max_minutes, args.panoptic, args.detector)
     print(f"model written to {out}")
     return 0
 

@@ -93,3 +93,23 @@ def test_bad_run_config_is_rejected(tmp_path):
     path.write_text(json.dumps({"model": {}, "train": {"epoch": 3}}))
     with pytest.raises(ValueError, match="unknown train keys: \\['epoch'\\]"):
         load_run_config(path)
+
+
+def test_panoptic_two_stage_training(tiny_data, tmp_path):
+    options = {**TRAIN_DEFAULTS, "epochs": 1, "batch_size": 2, "lr": 1e-3, "image_size": 64}
+    # the mask head's GroupNorm(8) needs d_model + heads and d_model / 16 to be multiples of 8
+    config = {**TINY, "d_model": 128, "encoder_attention_heads": 8, "decoder_attention_heads": 8}
+    detector = train(config, options, tiny_data, tmp_path / "detector", panoptic=True)
+    before = ConditionalDetrForObjectDetection.from_pretrained(detector).state_dict()
+    out = train({}, options, tiny_data, tmp_path / "segmentation", panoptic=True, detector=detector)
+    from model.segmentation import ConditionalDetrForSegmentation
+
+    model = ConditionalDetrForSegmentation.from_pretrained(out)
+    after = model.conditional_detr.state_dict()
+    # the detector, batch-norm statistics included, is unchanged by training the mask head
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "step" in r]
+    assert steps and set(steps[0]) >= {"loss_mask", "loss_dice"} and "loss_ce" not in steps[0]
+    metrics = evaluate(model, ConditionalDetrImageProcessor.from_pretrained(out), tiny_data, batch_size=2)
+    assert {"bbox", "segm", "panoptic"} <= set(metrics) and 0.0 <= metrics["panoptic"]["PQ"] <= 1.0
