@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample-video": ("pipeline.sample_video", "write a procedural shapes video with ground truth"),
     "render": ("pipeline.render", "annotated video of a source from its results in Redis"),
     "schema": ("pipeline.schema", "print the JSON Schema of the Redis wire format"),
+    "train": ("model.train", "train Conditional DETR on a COCO-format (shapes) dataset"),
+    "eval": ("model.evaluate", "bbox/segm AP and panoptic quality of a model on a COCO-format dataset"),
 }
 
 
