@@ -173,6 +173,8 @@ def pad_batch(groups: list[torch.Tensor], pad_size: dict | None) -> tuple[torch.
         width = max(group.shape[-1] for group in groups)
     total = sum(group.shape[0] for group in groups)
     device = groups[0].device
+    if len(groups) == 1 and tuple(groups[0].shape[-2:]) == (height, width):  # one video at model size: no copy
+        return groups[0], torch.ones((total, height, width), dtype=torch.int64, device=device)
     pixel_values = torch.zeros((total, 3, height, width), dtype=torch.float32, device=device)
     pixel_mask = torch.zeros((total, height, width), dtype=torch.int64, device=device)
     start = 0
