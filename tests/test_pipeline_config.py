@@ -1,0 +1,119 @@
+"""Configuration, wire schema, source allow-list and batching rules: no Ray, no Redis."""
+import json
+
+import pytest
+
+from pipeline.batcher import Batcher, Chunk
+from pipeline.cli import main
+from pipeline.config import ConfigError, load_config
+from pipeline.sources import parse_source_url
+
+
+def chunk(source_id: str, size: int, arrived: float = 0.0) -> Chunk:
+    return Chunk(source_id, size, info=None, frames=None, arrived=arrived)
+
+
+def test_layers_file_then_env_then_overrides(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("sources:\n  - {id: cam1, url: rtsp://camera.local/stream}\n"
+                    "batching: {max_batch_size: 16, timeout_ms: 40}\nredis: {prefix: site1}\n")
+    env = {"CDETR_BATCHING__MAX_BATCH_SIZE": "4", "CDETR_REDIS__URL": "rediss://user:secret@redis:6380/0",
+           "CDETR_KEEP_RUNNING": "true", "CDETR_UNRELATED_TOOL": "ignored", "PATH": "/bin"}
+    config = load_config(path, env=env, overrides={"batching": {"timeout_ms": 5}})
+    assert config.batching.max_batch_size == 4 and config.batching.timeout_ms == 5
+    assert config.redis.url == "rediss://user:secret@redis:6380/0" and config.redis.prefix == "site1"
+    assert config.keep_running is True
+    # Defaults by source kind: live sources drop the oldest frames, files block.
+    assert config.sources[0].live and config.sources[0].backpressure == "drop_oldest"
+    files = load_config(env={"CDETR_SOURCES": '[{"id": "f", "url": "video.mp4"}]'})
+    assert files.sources[0].backpressure == "block" and not files.sources[0].live
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"batching": {"max_batch_size": 0}}, "batching.max_batch_size"),
+    ({"batching": {"max_batch_sise": 4}}, "batching.max_batch_sise"),
+    ({"workers": {"num_gpus": -1}}, "workers.num_gpus"),
+    ({"sources": [{"id": "a", "url": "concat:/etc/passwd|x.mp4"}]}, "sources.0.url"),
+    ({"sources": [{"id": "bad id!", "url": "x.mp4"}]}, "sources.0.id"),
+    ({"sources": [{"id": "a", "url": "x.mp4", "policy": "newest"}]}, "sources.0.policy"),
+    ({"sources": [{"id": "a", "url": "a.mp4"}, {"id": "a", "url": "b.mp4"}]}, "duplicate source ids: a"),
+    ({"redis": {"url": "http://redis:6379"}}, "redis.url"),
+    ({"model": {"threshold": 1.5}}, "model.threshold"),
+])
+def test_invalid_config_names_the_field(data, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(env={}, overrides=data)
+
+
+def test_invalid_files_and_env_values(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml", env={})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batching: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad, env={})
+    with pytest.raises(ConfigError, match="batching.max_batch_size"):
+        load_config(env={"CDETR_BATCHING__MAX_BATCH_SIZE": "many"})
+
+
+def test_cli_run_rejects_bad_config_before_starting(capsys):
+    assert main(["run", "video.mp4", "--batch-size", "0"]) == 2
+    assert "batching.max_batch_size" in capsys.readouterr().err
+    assert main(["run", "a.mp4", "b.mp4", "--source-id", "only-one"]) == 2
+    assert "2 sources" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url, scheme, live", [
+    ("/data/video.mp4", "file", False), ("file:///data/video.mp4", "file", False),
+    ("https://host/v.mp4", "https", False), ("rtsp://cam/stream", "rtsp", True),
+    ("udp://239.0.0.1:1234", "udp", True), ("tcp://127.0.0.1:9000", "tcp", True),
+])
+def test_source_urls(url, scheme, live):
+    source = parse_source_url(url)
+    assert (source.scheme, source.live) == (scheme, live)
+
+
+@pytest.mark.parametrize("url", ["ftp://host/v.mp4", "pipe:0", "rtsp:///nohost", ""])
+def test_disallowed_source_urls(url):
+    with pytest.raises(ValueError):
+        parse_source_url(url)
+
+
+def test_cdetr_schema_prints_json_schema(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    frame = schema["$defs"]["FrameResult"]
+    assert {"v", "source_id", "frame_index", "detections", "panoptic", "timings_ms"} <= frame["properties"].keys()
+    assert {"Event", "AddSource", "RemoveSource", "Stop"} <= schema["$defs"].keys()
+    assert main(["schema", "event"]) == 0
+    event = json.loads(capsys.readouterr().out)
+    assert event["properties"]["type"]["enum"] == ["started", "reconnecting", "recovered", "error", "eos", "dropped"]
+
+
+def test_batch_is_sent_when_full():
+    batcher = Batcher(max_batch_size=4, timeout_s=10.0)
+    batcher.add(chunk("a", 2))
+    assert batcher.next_batch(now=0.0) is None
+    batcher.add(chunk("b", 2))
+    assert [c.source_id for c in batcher.next_batch(now=0.0)] == ["a", "b"]
+    assert len(batcher) == 0 and batcher.deadline() is None
+
+
+def test_partial_batch_is_sent_at_the_timeout_from_its_first_frame():
+    batcher = Batcher(max_batch_size=8, timeout_s=0.05)
+    batcher.add(chunk("a", 1, arrived=1.0))
+    batcher.add(chunk("b", 1, arrived=1.04))
+    assert batcher.deadline() == pytest.approx(1.05)
+    assert batcher.next_batch(now=1.049) is None
+    assert [c.source_id for c in batcher.next_batch(now=1.05)] == ["a", "b"]
+
+
+def test_one_chunk_per_source_per_batch_and_arrival_order():
+    batcher = Batcher(max_batch_size=4, timeout_s=0.0)
+    for source_id, size in [("a", 2), ("a", 2), ("b", 1), ("c", 2)]:
+        batcher.add(chunk(source_id, size))
+    # a's second chunk waits for the next batch; c does not fit after a + b, so the batch is a, b.
+    assert [(c.source_id, c.size) for c in batcher.next_batch(now=0.0)] == [("a", 2), ("b", 1)]
+    assert [(c.source_id, c.size) for c in batcher.next_batch(now=0.0)] == [("a", 2), ("c", 2)]
+    with pytest.raises(ValueError, match="does not fit"):
+        batcher.add(chunk("d", 5))
