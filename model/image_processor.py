@@ -7,6 +7,7 @@ Two input paths share the same rules and settings:
     torch (no PIL, no host round trip). See its docstring for why it is within 1e-2, not 1e-4, when it resizes.
 The post-processors live in `model.post_processing` and are exposed here as methods, as in `transformers`.
 """
+import inspect
 import json
 import logging
 import pathlib
@@ -48,14 +49,19 @@ def get_resize_output_size(height: int, width: int, size: dict) -> tuple[int, in
     if height <= 0 or width <= 0:
         raise ValueError(f"cannot resize an image of size {height}x{width}")
     if "shortest_edge" in size:
-        return _shortest_edge_size(height, width, size["shortest_edge"], size.get("longest_edge"))
-    if "max_height" in size:
+        new_size = _shortest_edge_size(height, width, size["shortest_edge"], size.get("longest_edge"))
+    elif "max_height" in size:
         scale = min(size["max_height"] / height, size["max_width"] / width)
-        return int(height * scale), int(width * scale)
-    if "height" in size:
-        return size["height"], size["width"]
-    raise ValueError(f"size must have keys shortest_edge[/longest_edge], height/width or max_height/max_width, "
-                     f"got {size}")
+        new_size = int(height * scale), int(width * scale)
+    elif "height" in size:
+        new_size = size["height"], size["width"]
+    else:
+        raise ValueError(f"size must have keys shortest_edge[/longest_edge], height/width or max_height/max_width, "
+                         f"got {size}")
+    if min(new_size) < 1:
+        raise ValueError(f"an image of {width}x{height} is too elongated for size {size}: it would be resized to "
+                         f"{new_size[1]}x{new_size[0]}")
+    return new_size
 
 
 def _shortest_edge_size(height: int, width: int, shortest: int, longest: int | None) -> tuple[int, int]:
@@ -267,8 +273,8 @@ class ConditionalDetrImageProcessor:
     @classmethod
     def from_dict(cls, config: dict, **overrides) -> "ConditionalDetrImageProcessor":
         settings = {key: value for key, value in {**config, **overrides}.items() if key not in METADATA_KEYS}
-        known = cls.__init__.__code__.co_varnames[1: cls.__init__.__code__.co_argcount]
-        ignored = sorted(set(settings) - set(known))
+        known = set(inspect.signature(ConditionalDetrImageProcessor).parameters)
+        ignored = sorted(set(settings) - known)
         if ignored:
             logger.warning("ignoring preprocessor settings this processor does not use: %s", ignored)
         return cls(**{key: value for key, value in settings.items() if key in known})

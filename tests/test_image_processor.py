@@ -248,9 +248,11 @@ def test_loads_legacy_hub_config(tmp_path):
         ConditionalDetrImageProcessor.from_pretrained(tmp_path / "missing")
 
 
-def test_feature_extractor_is_a_deprecated_alias(processor):
+def test_feature_extractor_is_a_deprecated_alias(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
     with pytest.warns(FutureWarning, match="deprecated"):
-        extractor = ConditionalDetrFeatureExtractor()
+        extractor = ConditionalDetrFeatureExtractor.from_pretrained(tmp_path)
+    assert extractor.to_dict() == processor.to_dict()
     image = random_image(320, 240)
     torch.testing.assert_close(extractor(image, return_tensors="pt")["pixel_values"],
                                processor(image, return_tensors="pt")["pixel_values"])
@@ -326,6 +328,8 @@ def test_other_errors(processor, tmp_path):
         ConditionalDetrImageProcessor(format="yolo")
     with pytest.raises(ValueError, match="size must be"):
         ConditionalDetrImageProcessor(size={"longest_edge": 10})
+    with pytest.raises(ValueError, match="too elongated"):
+        processor(np.zeros((1, 3000), np.uint8))
     with pytest.raises(ValueError, match="return_tensors"):
         processor(random_image(8, 8), return_tensors="tf")
     with warnings.catch_warnings():
