@@ -1,0 +1,97 @@
+"""A running job: resume from the last frame in Redis, sources added/removed via the control stream, stop; and
+`cdetr run` from the command line (all on the session's local Ray)."""
+import json
+import threading
+import time
+
+from conftest import count_frames, encode_video
+from pipeline.cli import main
+from pipeline.config import PipelineConfig
+from pipeline.runner import Job
+from pipeline.schema import FrameResult
+from pipeline.sink import RedisSink
+
+PREFIX = "ctl"
+
+
+def wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def stream(sink: RedisSink, source_id: str) -> list[tuple[str, dict]]:
+    return [(f["type"], json.loads(f["json"])) for _, f in sink.client.xrange(sink.frames_key(source_id))]
+
+
+def ended(sink: RedisSink, source_id: str) -> bool:
+    return sink.state(source_id).finished
+
+
+def send(sink: RedisSink, message: dict | str) -> None:
+    sink.client.xadd(sink.control_key, {"json": message if isinstance(message, str) else json.dumps(message)})
+
+
+def test_resume_and_control_stream(tmp_path, redis_server, redis_client, ray_session, tiny_model):
+    resumed = encode_video(tmp_path / "resumed.mp4", 20, (96, 64))
+    late = encode_video(tmp_path / "late.mp4", 12, (64, 64))
+    long = encode_video(tmp_path / "long.mp4", 300, (64, 48))
+    sink = RedisSink(redis_client, PREFIX)
+    # A previous run wrote frames 0-9 of "resumed", then died before the rest.
+    sink.write_frames([FrameResult(source_id="resumed", frame_index=i, pts=i / 10, captured_at=0.0, width=96,
+                                   height=64, model="previous-run", detections=[]) for i in range(10)])
+    config = PipelineConfig.model_validate({
+        "sources": [{"id": "resumed", "url": str(resumed)}], "keep_running": True,
+        "batching": {"max_batch_size": 4}, "decoder": {"num_cpus": 0.1},
+        "model": {"path": str(tiny_model)}, "redis": {"url": redis_server["url"], "prefix": PREFIX}})
+    job = Job(config, sink)
+    summary = {}
+    thread = threading.Thread(target=lambda: summary.update(job.run()))
+    thread.start()
+    try:
+        wait_for(lambda: ended(sink, "resumed"))
+        entries = stream(sink, "resumed")
+        assert [r["frame_index"] for t, r in entries if t == "frame"] == list(range(count_frames(resumed)))
+        assert [r["model"] for _, r in entries[:10]] == ["previous-run"] * 10  # not reprocessed
+        assert {r["model"] for _, r in entries[10:-1]} == {tiny_model.name}
+
+        send(sink, {"op": "add", "source": {"id": "late", "url": str(late)}})
+        send(sink, {"op": "add", "source": {"id": "long", "url": str(long)}})
+        send(sink, '{"op": "explode"}')
+        send(sink, "not json")
+        wait_for(lambda: ended(sink, "late"))
+        assert [r["frame_index"] for t, r in stream(sink, "late") if t == "frame"] == list(range(12))
+        wait_for(lambda: sink.client.xlen(sink.frames_key("long")) > 0)
+        send(sink, {"op": "remove", "source_id": "long"})
+        wait_for(lambda: ended(sink, "long"))
+        send(sink, {"op": "stop"})
+        thread.join(timeout=60)
+    finally:
+        if thread.is_alive():
+            job.stop()
+            thread.join(timeout=60)
+    assert not thread.is_alive()
+    # The removed source ends with eos after a contiguous run of frames (whatever it had decoded).
+    removed = stream(sink, "long")
+    assert removed[-1][0] == "eos"
+    assert [r["frame_index"] for t, r in removed[:-1]] == list(range(len(removed) - 1))
+    assert summary["long"]["status"] == "removed" and summary["late"]["status"] == "eos"
+    errors = [json.loads(f["json"]) for _, f in sink.client.xrange(sink.events_key) if f["type"] == "error"]
+    assert len(errors) == 2 and all(e["message"].startswith("invalid control message") for e in errors)
+
+
+def test_cli_run(tmp_path, redis_server, redis_client, ray_session, tiny_model, capsys):
+    video = encode_video(tmp_path / "clip.mp4", 15, (80, 60), fps=10)
+    code = main(["run", str(video), "--model", str(tiny_model), "--redis-url", redis_server["url"],
+                 "--batch-size", "2", "--fps", "5"])
+    out = capsys.readouterr().out
+    assert code == 0
+    summary_line = next(line for line in out.splitlines() if line.startswith("clip "))
+    # --fps 5 on a 10 fps video keeps every other frame, on the pts grid.
+    entries = stream(RedisSink(redis_client), "clip")
+    assert [r["frame_index"] for t, r in entries if t == "frame"] == list(range(0, 15, 2))
+    assert summary_line.split()[1:3] == ["eos", "8"]
+    # A second run finds the source complete in Redis and does not write it again.
+    assert main(["run", str(video), "--model", str(tiny_model), "--redis-url", redis_server["url"]]) == 0
+    assert len(stream(RedisSink(redis_client), "clip")) == 9
