@@ -173,6 +173,8 @@ def pad_batch(groups: list[torch.Tensor], pad_size: dict | None) -> tuple[torch.
     """Pad (b,3,h,w) tensors bottom/right with 0 to one canvas -> pixel_values (B,3,H,W), pixel_mask (B,H,W) int64
     (1 = real pixel). The canvas is `pad_size` or the largest height and width in the batch."""
     if pad_size is not None:
+        if set(pad_size) != {"height", "width"}:
+            raise ValueError(f"pad_size must be a dict with keys height and width, got {pad_size!r}")
         height, width = pad_size["height"], pad_size["width"]
     else:
         height = max(group.shape[-2] for group in groups)

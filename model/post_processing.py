@@ -139,7 +139,7 @@ def post_process_semantic_segmentation(outputs, target_sizes=None, processed_siz
 
 def post_process_instance_segmentation(outputs, threshold: float = 0.5, mask_threshold: float = 0.5,
                                        overlap_mask_area_threshold: float = 0.8, target_sizes=None,
-                                       processed_sizes=None, return_coco_annotation: bool = False) -> list[dict]:
+                                       return_coco_annotation: bool = False, processed_sizes=None) -> list[dict]:
     """-> per image `{"segmentation": (h,w) int32 segment ids (0 = none), "segments_info": [{"id", "label_id",
     "was_fused", "score"}]}`; see `post_process_panoptic_segmentation` for the rules (no class is fused here).
 

@@ -145,6 +145,8 @@ def test_pad_size_and_return_types(processor):
         processor(images, do_resize=False, do_pad=False, return_tensors="pt")
     with pytest.raises(ValueError, match="smaller than"):
         processor(images, do_resize=False, pad_size={"height": 50, "width": 50})
+    with pytest.raises(ValueError, match="pad_size must be"):
+        processor(images, do_resize=False, pad_size={"h": 80, "w": 80})
 
 
 # ------------------------------------------------------------------ annotations
