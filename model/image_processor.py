@@ -393,7 +393,7 @@ class ConditionalDetrImageProcessor:
         processed = []
         for group in groups:
             _check_pixels(group.shape[1], group.shape[2], self.max_pixels)
-            images = group.permute(0, 3, 1, 2).float()
+            images = group.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
             if self.do_resize:
                 images = self._resize_frames(images)
             processed.append(rescale_and_normalize(images, self.rescale_factor if self.do_rescale else None,

@@ -1,5 +1,6 @@
 """Post-processing: object detection identical to `transformers`; segmentation on hand-built outputs whose right
 answer is known; COCO panoptic PNG and RLE round trips."""
+import io
 import json
 import os
 from types import SimpleNamespace
@@ -214,7 +215,7 @@ def test_panoptic_png_round_trip():
     result["segmentation"][0, 0] = 70000  # an id that needs all three colour channels
     result["segments_info"].append({"id": 70000, "label_id": 2, "was_fused": False, "score": 0.9})
     png, segments = panoptic_to_coco(result["segmentation"], result["segments_info"])
-    rgb = np.asarray(PIL.Image.open(__import__("io").BytesIO(png)))
+    rgb = np.asarray(PIL.Image.open(io.BytesIO(png)))
     assert rgb[0, 0].tolist() == [112, 17, 1]  # 70000 = 112 + 256 * 17 + 256**2 * 1
     assert segments[0] == {"id": 1, "category_id": 1, "area": 6 * 9, "bbox": [3, 2, 9, 6], "iscrowd": 0,
                            "score": result["segments_info"][0]["score"]}
