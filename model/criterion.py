@@ -101,8 +101,9 @@ class SetCriterion(nn.Module):
     def forward(self, outputs, targets: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict]:
         """Return (weighted total loss, {term name: unweighted value}).
 
-        outputs: a dict or a model output dataclass with `logits` (B, Q, C), `pred_boxes` (B, Q, 4) normalized cxcywh, optional `pred_masks` (B, Q, h, w),
-        optional `auxiliary_outputs` (list of dicts with logits / pred_boxes for the intermediate decoder layers).
+        outputs: a dict or a model output dataclass with `logits` (B, Q, C), `pred_boxes` (B, Q, 4) normalized
+        cxcywh, optional `pred_masks` (B, Q, h, w), optional `auxiliary_outputs` (list of dicts with logits /
+        pred_boxes for the intermediate decoder layers).
         targets: per image `class_labels` (N,), `boxes` (N, 4) normalized cxcywh, `masks` (N, H, W) for "masks".
         """
         if not isinstance(outputs, dict):

@@ -79,8 +79,8 @@ def _image_matches(gt_ids, gt_segments, pred_ids, pred_segments, stats):
             stats.setdefault(segment["category_id"], [0, 0, 0, 0.0])[1] += 1
 
 
-def panoptic_quality(ground_truth: list[tuple[np.ndarray, list[dict]]], predictions: list[tuple[np.ndarray, list[dict]]],
-                     categories: list[dict]) -> dict:
+def panoptic_quality(ground_truth: list[tuple[np.ndarray, list[dict]]],
+                     predictions: list[tuple[np.ndarray, list[dict]]], categories: list[dict]) -> dict:
     """PQ / SQ / RQ over all, thing and stuff categories, plus per-category values.
 
     ground_truth / predictions: per image (id map (H, W), COCO `segments_info` with id and category_id).
