@@ -11,7 +11,9 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -298,6 +300,21 @@ def test_redis_config_persists_and_requires_the_secret_password(tmp_path):
 
 
 # --- image and VM launcher ---
+
+def test_the_installed_package_carries_the_bundled_model(tmp_path):
+    """The image installs the project from a wheel, not editable: every file under model/weights/ must be in it."""
+    root = DEPLOY.parent
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, tmp_path)
+    for package in ("model", "pipeline"):  # a copy, so the in-tree build leaves the checkout alone
+        shutil.copytree(root / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-w", str(tmp_path / "dist"), str(tmp_path)], check=True, capture_output=True, timeout=300)
+    packaged = set(zipfile.ZipFile(next((tmp_path / "dist").glob("*.whl"))).namelist())
+    assert {"model/__init__.py", "pipeline/cli.py", "pipeline/config.py"} <= packaged
+    weights = {p.relative_to(root).as_posix() for p in (root / "model" / "weights").rglob("*") if p.is_file()}
+    assert weights <= packaged, f"[tool.setuptools.package-data] misses {sorted(weights - packaged)}"
+
 
 def test_dockerfile_builds_a_non_root_cuda_image_of_the_project():
     text = re.sub(r"^\s*#.*\n", "", DOCKERFILE.read_text(), flags=re.MULTILINE).replace("\\\n", " ")
