@@ -1,0 +1,113 @@
+"""Pipeline throughput: N concurrent 720p file sources through the Ray pipeline vs a naive sequential loop.
+
+Both run in the same process on the same videos, model and Redis (a private redis-server on a free port):
+  naive     for each video in turn, one frame at a time: PyAV decode at full size -> preprocess (torch resize)
+            -> model -> post-process -> one XADD
+  pipeline  `run_job`: a StreamDecoder actor per source (swscale to model size), batches across sources,
+            DetectorWorker actor(s), pipelined XADDs
+Reports frames/s of each (wall time from the first frame requested to the last result in Redis; the pipeline's
+includes starting its actors), the ratio pipeline / naive, and the pipeline's per-source summary. Prints JSON.
+
+    python bench/bench_pipeline.py [--sources 4] [--seconds 8] [--batch-size 8] [--num-gpus 0]
+
+The model is `model/weights/shapes-tiny` when it exists, otherwise a random tiny model (said in the output).
+"""
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import av  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from model.shapes import write_sample_video  # noqa: E402
+from pipeline.config import DEFAULT_MODEL_PATH, ModelSettings, PipelineConfig  # noqa: E402
+from pipeline.demo import save_random_tiny_model  # noqa: E402
+from pipeline.redis_server import start_redis_server  # noqa: E402
+from pipeline.runner import run_job  # noqa: E402
+from pipeline.schema import FrameResult  # noqa: E402
+from pipeline.sink import RedisSink, connect  # noqa: E402
+from pipeline.worker import Detector  # noqa: E402
+
+SIZE = (1280, 720)
+
+
+def naive(videos: list[Path], settings: ModelSettings, sink: RedisSink) -> dict:
+    """The loop a first version would be: no batching, no overlap, full-size frames into the processor."""
+    detector = Detector(settings, "cuda" if torch.cuda.is_available() else "cpu")
+    frames = 0
+    started = time.perf_counter()
+    for video in videos:
+        with av.open(str(video)) as container:
+            for index, frame in enumerate(container.decode(video=0)):
+                decoded = time.time()
+                image = torch.from_numpy(frame.to_ndarray(format="rgb24")).to(detector.device)
+                [(detections, _)], timings = detector([image], [(frame.height, frame.width)])
+                result = FrameResult(source_id=f"naive-{video.stem}", frame_index=index, pts=frame.time,
+                                     captured_at=decoded, width=frame.width, height=frame.height,
+                                     model=detector.name, detections=detections, timings_ms=timings)
+                sink.write_frames([result])
+                frames += 1
+    seconds = time.perf_counter() - started
+    return {"frames": frames, "seconds": round(seconds, 2), "fps": round(frames / seconds, 2)}
+
+
+def pipeline(videos: list[Path], settings: ModelSettings, redis_url: str, batch_size: int, num_gpus: float) -> dict:
+    config = PipelineConfig.model_validate({
+        "sources": [{"id": f"pipe-{v.stem}", "url": str(v)} for v in videos],
+        "batching": {"max_batch_size": batch_size},
+        "workers": {"num_gpus": num_gpus},
+        "model": settings.model_dump(), "redis": {"url": redis_url, "prefix": "bench"}})
+    started = time.perf_counter()
+    summary = run_job(config)
+    seconds = time.perf_counter() - started
+    frames = sum(s["frames"] for s in summary.values())
+    return {"frames": frames, "seconds": round(seconds, 2), "fps": round(frames / seconds, 2),
+            "per_source": summary}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sources", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of each 25 fps source video")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per pipeline worker")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    random_weights = not (DEFAULT_MODEL_PATH / "config.json").is_file()
+    model_path = (save_random_tiny_model(work / "random-tiny", {"shortest_edge": 256, "longest_edge": 448})
+                  if random_weights else DEFAULT_MODEL_PATH)
+    settings = ModelSettings(path=model_path)
+    videos = [write_sample_video(work / f"src{i}.mp4", seconds=args.seconds, size=SIZE, seed=i)
+              for i in range(args.sources)]
+    port = 20000 + os.getpid() % 20000
+    redis_process = start_redis_server(port, work / "redis")
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    try:
+        ray.init(num_cpus=os.cpu_count(), num_gpus=1 if torch.cuda.is_available() else 0,
+                 include_dashboard=False, log_to_driver=False)
+        naive_result = naive(videos, settings, RedisSink(connect(redis_url), "bench"))
+        pipeline_result = pipeline(videos, settings, redis_url, args.batch_size, args.num_gpus)
+    finally:
+        ray.shutdown()
+        redis_process.terminate()
+    print(json.dumps({
+        "bench": "pipeline", "sources": args.sources, "source_size": list(SIZE), "seconds_per_source": args.seconds,
+        "model": str(model_path), "random_weights": random_weights, "batch_size": args.batch_size,
+        "naive": naive_result, "pipeline": pipeline_result,
+        "ratio_fps_pipeline_over_naive": round(pipeline_result["fps"] / naive_result["fps"], 2),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "versions": {"torch": torch.__version__, "ray": ray.__version__, "av": av.__version__},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
