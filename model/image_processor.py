@@ -4,7 +4,7 @@ Two input paths share the same rules and settings:
   * `preprocess` / `__call__`: PIL images, numpy arrays or tensors, resized with PIL on the CPU. It reproduces the
     Hugging Face PIL processor (the v4 "slow" numbers) to 1e-4, which the tests check.
   * `preprocess_frames`: a batch of uint8 video frames already on any device, resized/normalized/padded there with
-    torch (no PIL, no host round trip). See its docstring for why it is within 1e-2, not 1e-4, when it resizes.
+    torch (no PIL, no host round trip). See `resize_frames` for how close its resizing is to PIL's.
 The post-processors live in `model.post_processing` and are exposed here as methods, as in `transformers`.
 """
 import inspect
@@ -381,21 +381,19 @@ class ConditionalDetrImageProcessor:
         """uint8 RGB frames on any device -> `{"pixel_values", "pixel_mask"}` on that device, all in torch.
 
         `frames` is a (B,H,W,3) tensor (frames of one video) or a list of (H,W,3) tensors of different sizes
-        (frames from several sources), padded together. Frames are resized only if they are not already at the
-        size `get_resize_output_size` gives (the video decoder normally scales them in swscale), with torch's
-        antialiased filter on float values. Without a resize the result matches `preprocess` to 1e-6. With one it
-        is within 1e-2 on average (0.003-0.005) but not to 1e-4: PIL resizes uint8 images in two passes, one per
-        axis, with fixed-point weights and rounds each pass to uint8, so some pixels differ by one grey level
-        (1/255/0.224 = 0.0175 after normalization). torch's own uint8 resize and the torchvision backend of
-        `transformers` are no closer to PIL.
+        (frames from several sources), padded together. Frames are resized (`resize_frames`) only if they are not
+        already at the size `get_resize_output_size` gives; the video decoder normally scales them in swscale, and
+        then the result matches `preprocess` to 1e-6.
         """
         groups = _frame_groups(frames)
         processed = []
         for group in groups:
             _check_pixels(group.shape[1], group.shape[2], self.max_pixels)
-            images = group.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+            images = group.permute(0, 3, 1, 2)
             if self.do_resize:
-                images = self._resize_frames(images)
+                new_size = get_resize_output_size(images.shape[-2], images.shape[-1], self.size)
+                images = resize_frames(images, new_size, self.resample)
+            images = images.to(torch.float32, memory_format=torch.contiguous_format)
             processed.append(rescale_and_normalize(images, self.rescale_factor if self.do_rescale else None,
                                                    self.image_mean if self.do_normalize else None,
                                                    self.image_std))
@@ -406,19 +404,27 @@ class ConditionalDetrImageProcessor:
             raise ValueError("frames of different sizes need do_pad=True to form one batch")
         return {"pixel_values": torch.cat(processed)}
 
-    def _resize_frames(self, images: torch.Tensor) -> torch.Tensor:
-        new_size = get_resize_output_size(images.shape[-2], images.shape[-1], self.size)
-        if new_size == tuple(images.shape[-2:]):
-            return images
-        if self.resample not in TORCH_MODES:
-            raise ValueError(f"preprocess_frames supports nearest, bilinear and bicubic resampling, not "
-                             f"{self.resample.name}")
-        mode = TORCH_MODES[self.resample]
-        if mode == "nearest-exact":
-            return F.interpolate(images, size=new_size, mode=mode)
-        # PIL widens its filter when downsampling; antialias=True is torch's equivalent.
-        resized = F.interpolate(images, size=new_size, mode=mode, align_corners=False, antialias=True)
-        return resized.clamp_(0, 255)
+
+def resize_frames(images: torch.Tensor, size: tuple[int, int], resample: PIL.Image.Resampling) -> torch.Tensor:
+    """Resize (B,3,H,W) frames with torch, as close to PIL as torch gets; a no-op at the right size.
+
+    On the CPU, uint8 frames are resized as uint8: torch's kernels then round like PIL and agree with it to one
+    grey level at worst (2e-4 mean absolute difference after normalization), and are far faster than in float.
+    Other devices only resize floating point: values stay unrounded, so they are within 1e-2 of PIL on average
+    (0.003-0.005) but not to 1e-4, because PIL resizes in two passes (one per axis) and rounds each to uint8;
+    some pixels differ by one grey level (1/255/0.224 = 0.0175 after normalization).
+    """
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    if resample not in TORCH_MODES:
+        raise ValueError(f"frames can be resized with nearest, bilinear or bicubic resampling, not {resample.name}")
+    mode = TORCH_MODES[resample]
+    # PIL widens its filter when downsampling; antialias=True is torch's equivalent.
+    options = {} if mode == "nearest-exact" else {"align_corners": False, "antialias": True}
+    if images.device.type != "cpu":
+        images = images.float()
+    resized = F.interpolate(images, size=size, mode=mode, **options)
+    return resized if resized.dtype == torch.uint8 else resized.clamp_(0, 255)
 
 
 class ConditionalDetrFeatureExtractor(ConditionalDetrImageProcessor):

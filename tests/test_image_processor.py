@@ -17,7 +17,13 @@ from transformers.models.conditional_detr.image_processing_pil_conditional_detr 
 )
 
 from model import ConditionalDetrFeatureExtractor, ConditionalDetrImageProcessor  # noqa: E402
-from model.image_processor import IMAGENET_MEAN, IMAGENET_STD, get_resize_output_size  # noqa: E402
+from model.image_processor import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    get_resize_output_size,
+    rescale_and_normalize,
+    resize_frames,
+)
 from model.panoptic import encode_id_png  # noqa: E402
 
 SIZES = [(1280, 720), (640, 480), (2000, 300), (300, 2000), (320, 240)]  # (width, height)
@@ -275,6 +281,19 @@ def test_frames_that_need_resizing_are_close_to_the_pil_path(processor, width, h
         ours = processor.preprocess_frames(torch.from_numpy(image)[None])["pixel_values"]
         expected = processor(image, return_tensors="pt")["pixel_values"]
         difference = (ours - expected).abs()
+        # On the CPU uint8 frames are resized as uint8, rounded like PIL: nearly identical.
+        assert difference.max() < 2.5 * GREY_LEVEL
+        assert difference.mean() < 1e-3
+
+
+@pytest.mark.parametrize("width, height", [(1280, 720), (320, 240)])
+def test_float_frame_resizing_is_within_1e_2_of_pil(processor, width, height):
+    """The path used on GPUs (which resize floating point only), run here on float frames."""
+    for image in (smooth_image(width, height), random_image(width, height)):
+        frames = torch.from_numpy(image)[None].permute(0, 3, 1, 2).float()
+        resized = resize_frames(frames, get_resize_output_size(height, width, processor.size), processor.resample)
+        ours = rescale_and_normalize(resized, 1 / 255, IMAGENET_MEAN, IMAGENET_STD)
+        difference = (ours - processor(image, return_tensors="pt")["pixel_values"]).abs()
         # PIL rounds each of its two resize passes to uint8: one grey level (0.0175) at worst, 0.003-0.005 on average.
         assert difference.max() < 1.2 * GREY_LEVEL
         assert difference.mean() < 1e-2
