@@ -63,6 +63,9 @@ class StreamDecoder:
         self._done = False
         self._stop = threading.Event()
         self._next_sample_t: float | None = None
+        # Index of the next decoded frame. It keeps counting across reconnects so entry IDs only grow; a file
+        # restarts at 0 and skips what is already written, a live stream simply continues the numbering.
+        self._index = start_index if self.url.live else 0
         self._thread = threading.Thread(target=self._run, name=f"decode-{source.id}", daemon=True)
         self._thread.start()
 
@@ -116,16 +119,23 @@ class StreamDecoder:
                 if self._stop.is_set():
                     break
                 if not self.url.live:
-                    self._emit("error", message=f"{type(e).__name__}: {e}")
+                    self._emit("error", message=self._explain(e))
                     break
                 failures += 1
                 delay = min(self.cfg.reconnect_initial_s * 2 ** (failures - 1), self.cfg.reconnect_max_s)
-                self._emit("reconnecting", message=f"{type(e).__name__}: {e}",
+                self._emit("reconnecting", message=self._explain(e),
                            details={"attempt": failures, "delay_s": delay})
                 self._stop.wait(delay)
         with self._cond:
             self._done = True
             self._cond.notify_all()
+
+    def _explain(self, error: Exception) -> str:
+        if isinstance(error, av.error.ExitError):
+            # PyAV's timeout interrupts FFmpeg, which reports it as "Immediate exit requested".
+            return (f"timed out: no data within {self.cfg.open_timeout_s:g} s (open) / "
+                    f"{self.cfg.read_timeout_s:g} s (read) from {self.source.url}")
+        return f"{type(error).__name__}: {error}"
 
     def _describe(self, stream) -> dict:
         rate = stream.average_rate
@@ -137,15 +147,15 @@ class StreamDecoder:
     def _decode(self, container, stream) -> None:
         if not self.url.live:
             stream.thread_type = "AUTO"  # frame threading: ~5x faster, its extra delay only matters live
-        index = 0
+        self._next_sample_t = None  # a reconnected live stream restarts its timestamps
         last_frame = time.monotonic()
         for packet in container.demux(stream):
             started = time.perf_counter()
             for frame in packet.decode():
                 last_frame = time.monotonic()
-                if index >= self.start_index and self._sample(frame.time):
-                    self._put(self._convert(frame, index, started))
-                index += 1
+                if self._index >= self.start_index and self._sample(frame.time):
+                    self._put(self._convert(frame, self._index, started))
+                self._index += 1
                 started = time.perf_counter()
                 if self._stop.is_set():
                     return
