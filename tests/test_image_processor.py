@@ -21,7 +21,7 @@ from model.image_processor import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     get_resize_output_size,
-    rescale_and_normalize,
+    rescale_and_normalize_,
     resize_frames,
 )
 from model.panoptic import encode_id_png  # noqa: E402
@@ -292,7 +292,7 @@ def test_float_frame_resizing_is_within_1e_2_of_pil(processor, width, height):
     for image in (smooth_image(width, height), random_image(width, height)):
         frames = torch.from_numpy(image)[None].permute(0, 3, 1, 2).float()
         resized = resize_frames(frames, get_resize_output_size(height, width, processor.size), processor.resample)
-        ours = rescale_and_normalize(resized, 1 / 255, IMAGENET_MEAN, IMAGENET_STD)
+        ours = rescale_and_normalize_(resized, 1 / 255, IMAGENET_MEAN, IMAGENET_STD)
         difference = (ours - processor(image, return_tensors="pt")["pixel_values"]).abs()
         # PIL rounds each of its two resize passes to uint8: one grey level (0.0175) at worst, 0.003-0.005 on average.
         assert difference.max() < 1.2 * GREY_LEVEL
