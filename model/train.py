@@ -130,8 +130,9 @@ def train(model_config: dict, options: dict, train_data: str | Path, output_dir:
     model = build_model(model_config, device, detector)
     processor = make_processor(options["image_size"])
     dataset = (CocoPanoptic if panoptic else CocoDetection)(train_data, make_transforms(True, options["image_size"]))
-    loader = DataLoader(dataset, batch_size=options["batch_size"], shuffle=True, drop_last=len(dataset) > options[
-        "batch_size"], collate_fn=Collator(processor), num_workers=options["num_workers"])
+    batch_size = options["batch_size"]
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
+                        collate_fn=Collator(processor), num_workers=options["num_workers"])
     optimizer = make_optimizer(model, options["lr"], options["lr_backbone"], options["weight_decay"])
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, options["lr_drop"])
     start_epoch = 0
