@@ -8,8 +8,10 @@ import redis
 
 from conftest import count_frames, encode_video, free_port
 from pipeline.config import PipelineConfig
+from pipeline.render import render_video
 from pipeline.runner import run_job
 from pipeline.schema import FrameResult
+from pipeline.sink import RedisSink
 from pipeline.subscriber import Subscriber
 
 PREFIX = "e2e"
@@ -147,3 +149,14 @@ def test_subscriber_with_timeout_ends_on_an_unfinished_stream(redis_client):
         Subscriber(redis_client, "open", PREFIX, group="g")
     with pytest.raises(redis.ResponseError):
         redis_client.xadd(f"{PREFIX}:frames:open", {"type": "frame"}, id="1-0")  # explicit IDs never repeat
+
+
+def test_render_draws_results_on_the_source_video(run, redis_client, tmp_path):
+    import av
+
+    out = render_video(RedisSink(redis_client, PREFIX), "cam-a", tmp_path / "a-annotated.mp4")
+    with av.open(str(out)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == run["frames"]["cam-a"] and frames[0].shape == (96, 160, 3)
+    with pytest.raises(LookupError, match="no results"):
+        render_video(RedisSink(redis_client, PREFIX), "missing", tmp_path / "none.mp4")
