@@ -13,7 +13,7 @@ import torch
 from pycocotools import mask as coco_mask
 
 from model.box_ops import box_xywh_to_xyxy, box_xyxy_to_cxcywh, masks_to_boxes
-from model.panoptic import decode_id_png
+from model.panoptic import decode_id_png, rle_to_mask
 
 FORMATS = ("coco_detection", "coco_panoptic")
 
@@ -32,11 +32,14 @@ def validate_annotation(annotation: dict, format: str) -> None:
                          f"(got keys {sorted(annotation)})")
 
 
-def polygons_to_masks(segmentations: list, height: int, width: int) -> torch.Tensor:
-    """COCO polygon (or uncompressed RLE) segmentations -> (N,H,W) bool masks, via pycocotools."""
+def segmentations_to_masks(segmentations: list, height: int, width: int) -> torch.Tensor:
+    """COCO segmentations (polygons, uncompressed RLE or compressed RLE) -> (N,H,W) bool masks, via pycocotools."""
     masks = []
-    for polygons in segmentations:
-        decoded = coco_mask.decode(coco_mask.frPyObjects(polygons, height, width))
+    for segmentation in segmentations:
+        if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
+            masks.append(rle_to_mask(segmentation))
+            continue
+        decoded = coco_mask.decode(coco_mask.frPyObjects(segmentation, height, width))
         masks.append(decoded.reshape(height, width, -1).any(axis=2))
     if not masks:
         return torch.zeros((0, height, width), dtype=torch.bool)
@@ -63,7 +66,7 @@ def prepare_detection_target(annotation: dict, height: int, width: int, return_m
     if return_masks:
         if any("segmentation" not in obj for obj in objects):
             raise ValueError("return_segmentation_masks=True needs a 'segmentation' in every annotation")
-        target["masks"] = polygons_to_masks([obj["segmentation"] for obj in objects], height, width)[keep]
+        target["masks"] = segmentations_to_masks([obj["segmentation"] for obj in objects], height, width)[keep]
     return target
 
 

@@ -24,7 +24,7 @@ from model.image_processor import (  # noqa: E402
     rescale_and_normalize_,
     resize_frames,
 )
-from model.panoptic import encode_id_png  # noqa: E402
+from model.panoptic import encode_id_png, mask_to_rle  # noqa: E402
 
 SIZES = [(1280, 720), (640, 480), (2000, 300), (300, 2000), (320, 240)]  # (width, height)
 GREY_LEVEL = 1 / 255 / 0.224  # one uint8 step after normalization, for the smallest std
@@ -183,8 +183,24 @@ def test_detection_labels_match_transformers(processor, hf_pil):
     assert_same_target(ours, hf_pil(image, **kwargs)["labels"][0])
     assert ours["class_labels"].tolist() == [3, 5]
     assert ours["masks"].shape == (2, 800, 1066)
+    as_numpy = processor(image, annotations=detection_annotation())["labels"][0]
+    assert isinstance(as_numpy["boxes"], np.ndarray) and as_numpy["boxes"].shape == (2, 4)
+    moved = processor(image, **kwargs).to("cpu")
+    assert torch.equal(moved.labels[0]["masks"], ours["masks"]) and moved.pixel_values.shape == (1, 3, 800, 1066)
     # box 1 is (10.5, 20.25)-(110.5, 70.25) in a 640x480 image
     torch.testing.assert_close(ours["boxes"][0], torch.tensor([60.5 / 640, 45.25 / 480, 100 / 640, 50 / 480]))
+
+
+def test_rle_segmentations_give_the_same_masks_as_polygons(processor):
+    image = random_image(640, 480)
+    annotation = detection_annotation()
+    polygon_masks = processor(image, annotations=annotation, return_segmentation_masks=True,
+                              do_resize=False)["labels"][0]["masks"]
+    for obj, mask in zip(annotation["annotations"][:2], polygon_masks):
+        obj["segmentation"] = mask_to_rle(mask)
+    rle_masks = processor(image, annotations=annotation, return_segmentation_masks=True,
+                          do_resize=False)["labels"][0]["masks"]
+    assert np.array_equal(rle_masks, polygon_masks) and polygon_masks.any(axis=(1, 2)).all()
 
 
 def write_panoptic_png(tmp_path, width: int, height: int) -> dict:
