@@ -215,6 +215,11 @@ def test_head_env_is_valid_pipeline_config():
     config = load_config(env=env)
     assert config.redis.url == "redis://:secret@cdetr-redis:6379/0"
     assert config.workers.num_gpus == 1
+    # Ray's CPU accounting and the decoder resource agree on how many streams a decoder pod takes.
+    decoders = _groups(_one(RAYCLUSTER, "RayCluster")["spec"])["decoders"]
+    cpus = float(_ray_container(decoders)["resources"]["limits"]["cpu"])
+    slots = json.loads(json.loads(decoders["rayStartParams"]["resources"]))["decoder"]
+    assert cpus / config.decoder.num_cpus == slots
 
 
 # --- RayJob ---
