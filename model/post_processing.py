@@ -131,8 +131,15 @@ def post_process_semantic_segmentation(outputs, target_sizes=None, processed_siz
     targets, processed, padded = _per_image_sizes(outputs, target_sizes, processed_sizes)
     maps = []
     for b, (indices, masks) in enumerate(_query_masks(outputs)):
-        mask_probs = _fit_masks(masks.sigmoid(), processed[b], padded, targets[b])
-        class_maps = torch.einsum("kc,khw->chw", probs[b, indices], mask_probs)
+        weights = probs[b, indices]  # (K, C)
+        # Resizing is linear, so mixing masks into class maps before or after it gives the same result: resize
+        # whichever are fewer, the K masks or the C class maps.
+        if len(indices) <= weights.shape[1]:
+            class_maps = torch.einsum("kc,khw->chw", weights, _fit_masks(masks.sigmoid(), processed[b], padded,
+                                                                         targets[b]))
+        else:
+            class_maps = _fit_masks(torch.einsum("kc,khw->chw", weights, masks.sigmoid()), processed[b], padded,
+                                    targets[b])
         maps.append(class_maps.argmax(0))
     return maps
 

@@ -135,12 +135,17 @@ def test_panoptic_fuses_stuff_classes():
     assert stuff["score"] == round(torch.sigmoid(torch.tensor(4.0)).item(), 6)  # the best of the fused queries
 
 
+def pruned_outputs(full: dict) -> dict:
+    """Query 3 cannot pass the threshold, so the pruned model computes no mask for it; one row of padding."""
+    kept = [0, 1, 2, 4]
+    padding = torch.full((1, H, W), -100.0)
+    return {**full, "pred_masks": torch.cat([full["pred_masks"][0, kept], padding])[None],
+            "mask_query_indices": [torch.tensor(kept)]}
+
+
 def test_pruned_masks_give_the_same_segments():
     full = known_outputs()
-    kept = [0, 1, 2, 4]  # query 3 cannot pass the threshold, so the pruned model computes no mask for it
-    padding = torch.zeros(1, H, W)
-    pruned = {**full, "pred_masks": torch.cat([full["pred_masks"][0, kept], padding])[None],
-              "mask_query_indices": [torch.tensor(kept)]}
+    pruned = pruned_outputs(full)
     (expected,) = processor.post_process_panoptic_segmentation(full)
     (result,) = processor.post_process_panoptic_segmentation(pruned)
     assert torch.equal(result["segmentation"], expected["segmentation"])
@@ -188,6 +193,10 @@ def test_semantic_segmentation_uses_all_classes():
     assert torch.equal(semantic, expected)
     (resized,) = processor.post_process_semantic_segmentation(known_outputs(), target_sizes=[(2 * H, 2 * W)])
     assert torch.equal(resized, expected.repeat_interleave(2, 0).repeat_interleave(2, 1))
+    # 4 pruned masks <= 4 classes: the masks are resized before mixing instead of the class maps; same answer.
+    (pruned,) = processor.post_process_semantic_segmentation(pruned_outputs(known_outputs()),
+                                                             target_sizes=[(2 * H, 2 * W)])
+    assert torch.equal(pruned, resized)
 
 
 def test_no_segment_gives_an_empty_int32_map():
