@@ -165,8 +165,9 @@ class ConditionalDetrForSegmentation(ConditionalDetrPreTrainedModel):
         `masks` (N, H, W) at the padded input size) masks are computed for the matched queries only and the loss
         is returned: mask focal + dice, plus the detection terms unless the detector is frozen.
         """
-        if mask_chunk_size < 1:
-            raise ValueError(f"mask_chunk_size must be a positive number of queries, got {mask_chunk_size}")
+        for name, value in (("top_k", top_k), ("mask_chunk_size", mask_chunk_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive number of queries, got {value}")
         detector = self.conditional_detr
         trains_detector = any(p.requires_grad for p in detector.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trains_detector):
@@ -178,16 +179,12 @@ class ConditionalDetrForSegmentation(ConditionalDetrPreTrainedModel):
 
         if labels is not None:
             return self._training_output(detection, features.mask, context, labels, trains_detector)
-        if score_threshold is None and top_k is None:
-            every_query = torch.arange(detection.logits.shape[1], device=detection.logits.device)
-            masks = [self._masks(detection, features.mask, context, b, every_query, mask_chunk_size)
-                     for b in range(len(detection.logits))]
-            return ConditionalDetrSegmentationOutput(**vars(detection), pred_masks=torch.stack(masks))
         indices = surviving_queries(detection.logits, score_threshold, top_k)
         masks = [self._masks(detection, features.mask, context, b, queries, mask_chunk_size)
                  for b, queries in enumerate(indices)]
+        pruned = score_threshold is not None or top_k is not None
         return ConditionalDetrSegmentationOutput(**vars(detection), pred_masks=_pad_masks(masks),
-                                                 mask_query_indices=indices)
+                                                 mask_query_indices=indices if pruned else None)
 
     def _masks(self, detection: ConditionalDetrObjectDetectionOutput, mask: torch.Tensor,
                context: tuple[torch.Tensor, list[torch.Tensor]], b: int, queries: torch.Tensor,
@@ -226,7 +223,7 @@ class ConditionalDetrForSegmentation(ConditionalDetrPreTrainedModel):
 
 def surviving_queries(logits: torch.Tensor, score_threshold: float | None, top_k: int | None) -> list[torch.Tensor]:
     """Per image, the ascending indices of the queries whose best sigmoid class score is `> score_threshold`
-    (strict, as the post-processors), keeping at most the `top_k` highest-scoring."""
+    (strict, as the post-processors), keeping at most the `top_k` highest-scoring; None = no such limit."""
     scores = logits.sigmoid().amax(-1)
     indices = []
     for image_scores in scores:

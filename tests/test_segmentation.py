@@ -180,5 +180,7 @@ def test_bad_inputs_are_named():
         model(pixel_values, labels=labels)
     with pytest.raises(ValueError, match="mask_chunk_size"):
         model(pixel_values, mask_chunk_size=0)
+    with pytest.raises(ValueError, match="top_k"):
+        model(pixel_values, top_k=0)
     with pytest.raises(ValueError, match="d_model"):
         ConditionalDetrForSegmentation(_tiny_config(d_model=64, encoder_attention_heads=8))
