@@ -6,28 +6,34 @@ randomly initialized tiny model and says so loudly: its detections are then mean
 import sys
 from pathlib import Path
 
-from model import ConditionalDetrConfig, ConditionalDetrForObjectDetection, ConditionalDetrImageProcessor
+from model import (ConditionalDetrConfig, ConditionalDetrForObjectDetection, ConditionalDetrForSegmentation,
+                   ConditionalDetrImageProcessor)
 from model.shapes import ID2LABEL, write_sample_video
 from pipeline.config import DEFAULT_MODEL_PATH, PipelineConfig
 from pipeline.redis_server import resolve_redis_url
 from pipeline.render import render_video
 from pipeline.runner import print_summary, run_job
 from pipeline.sink import RedisSink, connect
+from pipeline.worker import has_panoptic_head
 
 OUT = Path("demo-out")
 SOURCE_ID = "demo-shapes"
 
 
-def save_random_tiny_model(directory: Path, size: dict[str, int]) -> Path:
-    """A randomly initialized ResNet-18 Conditional DETR (tiny transformer, shapes labels) + its processor config.
+def save_random_tiny_model(directory: Path, size: dict[str, int], panoptic: bool = False) -> Path:
+    """A randomly initialized ResNet-18 Conditional DETR (tiny transformer, shapes labels) + its processor config;
+    with `panoptic`, a ConditionalDetrForSegmentation (its mask head needs d_model 128 and 8 heads).
 
     For tests, benchmarks and the demo's fallback: fast on CPU, and loaded through the same `from_pretrained`
     path as a real checkpoint.
     """
-    config = ConditionalDetrConfig(backbone="resnet18", d_model=32, encoder_layers=1, decoder_layers=1,
-                                   encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
-                                   decoder_ffn_dim=64, num_queries=10, id2label=ID2LABEL, frozen_batch_norm=False)
-    ConditionalDetrForObjectDetection(config).eval().save_pretrained(directory)
+    d_model, heads = (128, 8) if panoptic else (32, 2)
+    config = ConditionalDetrConfig(backbone="resnet18", d_model=d_model, encoder_layers=1, decoder_layers=1,
+                                   encoder_attention_heads=heads, decoder_attention_heads=heads,
+                                   encoder_ffn_dim=2 * d_model, decoder_ffn_dim=2 * d_model, num_queries=10,
+                                   id2label=ID2LABEL, frozen_batch_norm=False)
+    model_class = ConditionalDetrForSegmentation if panoptic else ConditionalDetrForObjectDetection
+    model_class(config).eval().save_pretrained(directory)
     ConditionalDetrImageProcessor(size=size).save_pretrained(directory)
     return directory
 
@@ -39,15 +45,17 @@ def _model_path() -> Path:
     print(f"{banner}\n!! {DEFAULT_MODEL_PATH} does not exist: this demo uses a RANDOMLY INITIALIZED tiny model.\n"
           f"!! Its detections are MEANINGLESS; only the plumbing (decode -> batch -> infer -> Redis -> render) is "
           f"real.\n{banner}", file=sys.stderr)
-    return save_random_tiny_model(OUT / "random-tiny-model", {"shortest_edge": 256, "longest_edge": 448})
+    return save_random_tiny_model(OUT / "random-tiny-model", {"shortest_edge": 256, "longest_edge": 448},
+                                  panoptic=True)
 
 
 def main() -> int:
     OUT.mkdir(exist_ok=True)
     video = write_sample_video(OUT / "shapes.mp4", seconds=4.0, size=(640, 360), seed=0)
+    model_path = _model_path()
     config = PipelineConfig.model_validate({
         "sources": [{"id": SOURCE_ID, "url": str(video)}],
-        "model": {"path": str(_model_path())},
+        "model": {"path": str(model_path), "panoptic": has_panoptic_head(model_path)},
         "redis": {"url": resolve_redis_url(None)},
     })
     sink = RedisSink(connect(config.redis.url), config.redis.prefix)
@@ -56,7 +64,7 @@ def main() -> int:
     print_summary(summary)
     annotated = render_video(sink, SOURCE_ID, OUT / "shapes-annotated.mp4", str(video))
     print(f"\nsample video:     {video} (ground truth {video}.gt.json)\n"
-          f"model:            {config.model.path}\n"
+          f"model:            {config.model.path} (panoptic head: {'on' if config.model.panoptic else 'off'})\n"
           f"results in Redis: {config.redis.url} stream {sink.frames_key(SOURCE_ID)}, events {sink.events_key}\n"
           f"annotated video:  {annotated}\n"
           f"read them:        cdetr subscribe {SOURCE_ID} --redis-url {config.redis.url}")

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ModelSettings(path=args.model, panoptic=args.panoptic, threshold=args.threshold)
     try:
         check_model_path(settings)
-    except (FileNotFoundError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"cdetr detect: {e}", file=sys.stderr)
         return 2
     detector = Detector(settings)

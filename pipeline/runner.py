@@ -359,7 +359,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, overrides=_overrides(args))
-    except (ConfigError, ValueError) as e:
+        check_model_path(config.model)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"cdetr run: {e}", file=sys.stderr)
         return 2
     if not config.sources and not config.keep_running:

@@ -3,16 +3,21 @@
 `Detector` is the model + processor + post-processing without Ray (also used by `cdetr detect`);
 `DetectorWorker` is the Ray actor around it that also fills in the per-frame metadata and timings.
 """
+import base64
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model import ConditionalDetrForObjectDetection, ConditionalDetrImageProcessor
+from model import ConditionalDetrForObjectDetection, ConditionalDetrForSegmentation, ConditionalDetrImageProcessor
+from model.image_processor import get_resize_output_size
+from model.panoptic import panoptic_to_coco
+from model.shapes import CATEGORIES as SHAPES_CATEGORIES
 from pipeline.config import ModelSettings
 from pipeline.decoder import ChunkInfo
-from pipeline.schema import Detection, FrameResult, Panoptic
+from pipeline.schema import Detection, FrameResult, Panoptic, Segment
 
 
 def load_processor(settings: ModelSettings) -> ConditionalDetrImageProcessor:
@@ -24,22 +29,28 @@ def load_processor(settings: ModelSettings) -> ConditionalDetrImageProcessor:
     return ConditionalDetrImageProcessor(**overrides)
 
 
+def has_panoptic_head(path: Path) -> bool:
+    """Whether a checkpoint directory holds a segmentation model (`architectures` in config.json, as HF writes)."""
+    config = Path(path) / "config.json"
+    return config.is_file() and "ConditionalDetrForSegmentation" in json.loads(config.read_text()).get(
+        "architectures", [])
+
+
 def check_model_path(settings: ModelSettings) -> None:
-    """Fail before any actor starts when the checkpoint is missing or the panoptic head is unavailable."""
+    """Fail before any actor starts when the checkpoint is missing or has no panoptic head but one is asked for."""
     path = Path(settings.path)
     if not path.exists():
         raise FileNotFoundError(f"model checkpoint {path} does not exist")
-    if settings.panoptic:
-        _segmentation_class()
+    if settings.panoptic and not has_panoptic_head(path):
+        raise ValueError(f"panoptic output needs a ConditionalDetrForSegmentation checkpoint; {path} is a detection "
+                         f"checkpoint (see `architectures` in its config.json)")
 
 
-def _segmentation_class():
-    try:
-        from model import ConditionalDetrForSegmentation
-        return ConditionalDetrForSegmentation
-    except (ImportError, AttributeError) as e:
-        raise RuntimeError(f"--panoptic needs model.ConditionalDetrForSegmentation, which is not available: {e}") \
-            from None
+def stuff_label_ids(id2label: dict[int, str]) -> set[int]:
+    """Labels merged into one panoptic segment per class. Checkpoints do not record which classes are stuff, so
+    this uses the shapes dataset's categories, matched by name (a model with other labels fuses nothing)."""
+    stuff_names = {c["name"] for c in SHAPES_CATEGORIES if not c["isthing"]}
+    return {label for label, name in id2label.items() if name in stuff_names}
 
 
 class Detector:
@@ -47,27 +58,50 @@ class Detector:
         self.settings = settings
         self.device = torch.device(device)
         self.processor = load_processor(settings)
-        model_class = _segmentation_class() if settings.panoptic else ConditionalDetrForObjectDetection
+        model_class = ConditionalDetrForSegmentation if settings.panoptic else ConditionalDetrForObjectDetection
         self.model = model_class.from_pretrained(settings.path).to(self.device).eval()
         self.id2label: dict[int, str] = self.model.config.id2label
+        self.stuff = stuff_label_ids(self.id2label)
         self.name = Path(settings.path).name
 
     @torch.inference_mode()
     def __call__(self, frames: list[torch.Tensor], source_sizes: list[tuple[int, int]]
                  ) -> tuple[list[tuple[list[Detection], Panoptic | None]], dict[str, float]]:
-        """Detections (boxes in `source_sizes` pixels) for uint8 (h, w, 3) frames, and the batch's timings."""
+        """Detections (boxes in `source_sizes` pixels) and panoptic results (at model input size, None when off)
+        for uint8 (h, w, 3) frames, and the batch's timings."""
         started = time.perf_counter()
         same_size = all(f.shape == frames[0].shape for f in frames)
         inputs = self.processor.preprocess_frames(torch.stack(frames) if same_size else frames)
-        outputs = self.model(inputs["pixel_values"], inputs["pixel_mask"])
+        # The panoptic head computes masks only for the queries that can pass the threshold (pruned inference).
+        pruning = {"score_threshold": self.settings.threshold, "top_k": self.settings.top_k} \
+            if self.settings.panoptic else {}
+        outputs = self.model(inputs["pixel_values"], inputs["pixel_mask"], **pruning)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         inferred = time.perf_counter()
         detections = self.processor.post_process_object_detection(
             outputs, threshold=self.settings.threshold, target_sizes=source_sizes, top_k=self.settings.top_k)
-        results = [(self._detections(d), None) for d in detections]
+        panoptic = self._panoptic(outputs, [f.shape[:2] for f in frames]) if self.settings.panoptic \
+            else [None] * len(frames)
+        results = [(self._detections(d), p) for d, p in zip(detections, panoptic)]
         timings = {"inference": (inferred - started) * 1e3, "postprocess": (time.perf_counter() - inferred) * 1e3}
         return results, timings
+
+    def _panoptic(self, outputs, frame_sizes: list[tuple[int, int]]) -> list[Panoptic]:
+        """COCO panoptic PNG + segments per frame, at the size the frame had after preprocessing (model input)."""
+        sizes = [get_resize_output_size(h, w, self.processor.size) for h, w in frame_sizes]
+        results = self.processor.post_process_panoptic_segmentation(
+            outputs, threshold=self.settings.threshold, label_ids_to_fuse=self.stuff, target_sizes=sizes,
+            processed_sizes=sizes)
+        panoptic = []
+        for result in results:
+            png, segments = panoptic_to_coco(result["segmentation"], result["segments_info"])
+            panoptic.append(Panoptic(png=base64.b64encode(png).decode("ascii"), segments=[
+                Segment(id=s["id"], category_id=s["category_id"],
+                        label_name=self.id2label.get(s["category_id"], str(s["category_id"])),
+                        isthing=s["category_id"] not in self.stuff, score=s.get("score", 0.0), area=s["area"],
+                        bbox=tuple(s["bbox"])) for s in segments]))
+        return panoptic
 
     def _detections(self, result: dict[str, torch.Tensor]) -> list[Detection]:
         return [Detection(label=label, label_name=self.id2label.get(label, str(label)), score=score,

@@ -58,6 +58,13 @@ def tiny_model(tmp_path_factory) -> Path:
     return save_random_tiny_model(tmp_path_factory.mktemp("tiny-model"), TINY_MODEL_SIZE)
 
 
+@pytest.fixture(scope="session")
+def tiny_panoptic_model(tmp_path_factory) -> Path:
+    from pipeline.demo import save_random_tiny_model
+
+    return save_random_tiny_model(tmp_path_factory.mktemp("tiny-panoptic"), TINY_MODEL_SIZE, panoptic=True)
+
+
 def encode_video(path: Path, frames: int, size: tuple[int, int], fps: int = 10, codec: str = "libx264",
                  options: dict | None = None) -> Path:
     """A video of a white square moving over a coloured background; the container comes from the suffix

@@ -1,10 +1,14 @@
 """A running job: resume from the last frame in Redis, sources added/removed via the control stream, stop; and
 `cdetr run` from the command line (all on the session's local Ray)."""
+import base64
 import json
 import threading
 import time
 
+import numpy as np
+
 from conftest import count_frames, encode_video
+from model.panoptic import decode_id_png
 from pipeline.cli import main
 from pipeline.config import PipelineConfig
 from pipeline.runner import Job
@@ -95,3 +99,15 @@ def test_cli_run(tmp_path, redis_server, redis_client, ray_session, tiny_model, 
     # A second run finds the source complete in Redis and does not write it again.
     assert main(["run", str(video), "--model", str(tiny_model), "--redis-url", redis_server["url"]]) == 0
     assert len(stream(RedisSink(redis_client), "clip")) == 9
+
+
+def test_cli_run_with_the_panoptic_head(tmp_path, redis_server, redis_client, ray_session, tiny_panoptic_model):
+    video = encode_video(tmp_path / "pan.mp4", 6, (96, 72))
+    assert main(["run", str(video), "--model", str(tiny_panoptic_model), "--panoptic",
+                 "--redis-url", redis_server["url"]]) == 0
+    frames = [r for t, r in stream(RedisSink(redis_client), "pan") if t == "frame"]
+    assert len(frames) == 6
+    for frame in frames:
+        ids = decode_id_png(base64.b64decode(frame["panoptic"]["png"]))
+        assert ids.shape == (64, 85)  # model input size of a 96x72 frame (shortest edge 64)
+        assert {s["id"] for s in frame["panoptic"]["segments"]} == set(np.unique(ids)) - {0}

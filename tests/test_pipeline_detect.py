@@ -1,9 +1,13 @@
 """`cdetr detect` on still images with the tiny model: a FrameResult JSON and an annotated PNG per image."""
+import base64
 import json
 
 import numpy as np
 from PIL import Image
 
+from conftest import TINY_MODEL_SIZE
+from model.image_processor import get_resize_output_size
+from model.panoptic import decode_id_png
 from pipeline.cli import main
 from pipeline.schema import FrameResult
 
@@ -29,3 +33,21 @@ def test_detect_writes_json_and_png(tmp_path, tiny_model, capsys):
 def test_detect_with_a_missing_model_is_a_clear_error(tmp_path, capsys):
     assert main(["detect", "x.png", "--model", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_detect_panoptic_gives_a_coco_png_and_segments(tmp_path, tiny_panoptic_model, tiny_model, capsys):
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.full((60, 150, 3), 90, np.uint8)).save(image)
+    out = tmp_path / "out"
+    assert main(["detect", str(image), "--model", str(tiny_panoptic_model), "--panoptic", "--threshold", "0",
+                 "--out", str(out)]) == 0
+    result = FrameResult.model_validate_json((out / "wide.json").read_text())
+    # The PNG is at model input size: 60x150 scaled to the tiny model's 96 px longest edge.
+    ids = decode_id_png(base64.b64decode(result.panoptic.png))
+    assert ids.shape == get_resize_output_size(60, 150, TINY_MODEL_SIZE) == (38, 96)
+    assert result.panoptic.segments and {s.id for s in result.panoptic.segments} == set(np.unique(ids)) - {0}
+    for segment in result.panoptic.segments:
+        assert segment.area == (ids == segment.id).sum() and segment.label_name
+    # A detection checkpoint has no panoptic head: a clear error before any work.
+    assert main(["detect", str(image), "--model", str(tiny_model), "--panoptic"]) == 2
+    assert "ConditionalDetrForSegmentation" in capsys.readouterr().err
