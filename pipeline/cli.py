@@ -5,6 +5,7 @@ line to COMMANDS.
 """
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -28,7 +29,13 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == name:
             importlib.import_module(module).add_arguments(sub)
     args = parser.parse_args(argv)
-    return importlib.import_module(COMMANDS[args.command][0]).run(args)
+    try:
+        return importlib.import_module(COMMANDS[args.command][0]).run(args)
+    except BrokenPipeError:
+        # The reader went away (`cdetr subscribe cam1 | head`): not an error. Point stdout at /dev/null so the
+        # interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
