@@ -91,8 +91,11 @@ def test_pruned_masks_are_the_full_masks_of_surviving_queries(model, full_output
         assert (pruned.pred_masks[b, len(queries):].sigmoid() == 0).all()  # padding rows: probability 0
     assert 0 < len(pruned.mask_query_indices[0]) < SMALL["num_queries"]
 
-    full_result = post_process_panoptic_segmentation(full_output, threshold=threshold)
-    pruned_result = post_process_panoptic_segmentation(pruned, threshold=threshold)
+    sizes = [(96, 128), (128, 96)]  # the images' sizes inside the padded batch
+    full_result = post_process_panoptic_segmentation(full_output, threshold=threshold, target_sizes=sizes,
+                                                     processed_sizes=sizes)
+    pruned_result = post_process_panoptic_segmentation(pruned, threshold=threshold, target_sizes=sizes,
+                                                       processed_sizes=sizes)
     assert any(result["segments_info"] for result in full_result)
     for full, pruned_image in zip(full_result, pruned_result):
         assert torch.equal(full["segmentation"], pruned_image["segmentation"])
