@@ -106,10 +106,12 @@ def connect(url: str) -> redis.Redis:
     Replies are decoded to str: every field of the wire format is text (JSON)."""
     client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5, health_check_interval=30)
     deadline = time.monotonic() + 5
-    while True:
+    while True:  # a server that is still starting gets a few seconds
         try:
             client.ping()
             return client
+        except (redis.AuthenticationError, redis.ResponseError) as e:
+            raise ConnectionError(f"Redis at {_redact(url)} refused us: {e}") from None
         except redis.ConnectionError as e:
             if time.monotonic() > deadline:
                 raise ConnectionError(f"cannot reach Redis at {_redact(url)}: {e}") from None

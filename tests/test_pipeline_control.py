@@ -111,3 +111,26 @@ def test_cli_run_with_the_panoptic_head(tmp_path, redis_server, redis_client, ra
         ids = decode_id_png(base64.b64decode(frame["panoptic"]["png"]))
         assert ids.shape == (64, 85)  # model input size of a 96x72 frame (shortest edge 64)
         assert {s["id"] for s in frame["panoptic"]["segments"]} == set(np.unique(ids)) - {0}
+
+
+def test_stop_mid_run_flushes_in_order_and_the_next_run_resumes(tmp_path, redis_server, redis_client, ray_session,
+                                                                tiny_model):
+    video = encode_video(tmp_path / "interrupted.mp4", 150, (64, 48))
+    sink = RedisSink(redis_client, PREFIX)
+    config = PipelineConfig.model_validate({
+        "sources": [{"id": "interrupted", "url": str(video)}], "batching": {"max_batch_size": 4},
+        "decoder": {"num_cpus": 0.1}, "model": {"path": str(tiny_model)},
+        "redis": {"url": redis_server["url"], "prefix": PREFIX}})
+    job = Job(config, sink)
+    summary = {}
+    thread = threading.Thread(target=lambda: summary.update(job.run()))
+    thread.start()
+    wait_for(lambda: sink.client.xlen(sink.frames_key("interrupted")) >= 8)
+    send(sink, {"op": "stop"})  # what Ctrl-C does: stop reading, finish the batches in flight, write them in order
+    thread.join(timeout=60)
+    assert not thread.is_alive() and summary["interrupted"]["status"] == "stopped"
+    first = [r["frame_index"] for t, r in stream(sink, "interrupted")]
+    assert first == list(range(len(first))) and len(first) < 150  # a prefix, no eos
+    assert Job(config, sink).run()["interrupted"]["status"] == "eos"
+    entries = stream(sink, "interrupted")
+    assert [r["frame_index"] for t, r in entries if t == "frame"] == list(range(150)) and entries[-1][0] == "eos"

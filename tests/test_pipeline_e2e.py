@@ -92,8 +92,9 @@ def test_bad_sources_give_error_events_while_the_others_finish(run, redis_client
     for source_id in GOOD:
         types = [e["type"] for e in events if e["source_id"] == source_id]
         assert types == ["started", "eos"], source_id
-        assert run["summary"][source_id]["status"] == "eos"
-        assert run["summary"][source_id]["frames"] == run["frames"][source_id]
+        summary = run["summary"][source_id]
+        assert summary["status"] == "eos" and summary["frames"] == run["frames"][source_id]
+        assert summary["fps"] > 0 and 0 < summary["p50_ms"] <= summary["p95_ms"] and summary["dropped"] == 0
 
 
 def test_redis_cli_reads_the_entries(run, redis_server):

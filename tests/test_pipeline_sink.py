@@ -3,8 +3,10 @@ import json
 
 import pytest
 
+from conftest import free_port
+from pipeline.redis_server import start_redis_server
 from pipeline.schema import Event, FrameResult
-from pipeline.sink import RedisSink, eos_entry_id, frame_entry_id, frame_index_of
+from pipeline.sink import RedisSink, connect, eos_entry_id, frame_entry_id, frame_index_of
 
 
 def result(source_id: str, index: int) -> FrameResult:
@@ -62,3 +64,19 @@ def test_events_and_retention(sink):
     sink.write_frames([result("long", i) for i in range(500)])
     # MAXLEN ~ trims whole macro nodes (100 entries): approximately, never below the limit.
     assert 10 <= sink.client.xlen(sink.frames_key("long")) <= 110
+
+
+def test_connect_with_a_password_in_the_url(tmp_path):
+    server = start_redis_server(free_port(), tmp_path)
+    try:
+        port = server.args[server.args.index("--port") + 1]
+        connect(f"redis://127.0.0.1:{port}/0").config_set("requirepass", "s3cret")
+        client = connect(f"redis://:s3cret@127.0.0.1:{port}/0")
+        RedisSink(client, "auth").write_frames([result("cam", 0)])
+        assert client.xlen("auth:frames:cam") == 1
+        with pytest.raises(ConnectionError, match=r"redis://\*\*\*@127.0.0.1") as error:
+            connect(f"redis://:wrong@127.0.0.1:{port}/0")
+        assert "wrong" not in str(error.value)  # the password never appears in messages
+    finally:
+        server.terminate()
+        server.wait()
