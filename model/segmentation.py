@@ -32,6 +32,9 @@ class MHAttentionMap(nn.Module):
         self.scale = (d_model // num_heads) ** -0.5
         self.q_linear = nn.Linear(d_model, d_model)
         self.k_linear = nn.Linear(d_model, d_model)
+        for linear in (self.q_linear, self.k_linear):  # DETR's init
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
 
     def forward(self, queries: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """queries (N, Q, C) decoder states; memory (N, h*w, C) encoder output; mask (N, h, w), True = image pixel.
