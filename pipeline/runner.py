@@ -38,6 +38,9 @@ _READ_WAIT_S = 0.5  # how long a decoder's read() waits for a first frame
 _CONTROL_POLL_S = 0.5
 _DROP_EVENT_INTERVAL_S = 1.0
 
+Decoder = ray.remote(StreamDecoder)
+Worker = ray.remote(DetectorWorker)
+
 
 @dataclass
 class SourceRun:
@@ -47,7 +50,7 @@ class SourceRun:
     in_flight: int = 0  # frames read from the decoder but not yet written
     pending: deque[Chunk] = field(default_factory=deque)  # read but not yet written, in frame order
     decoded_all: bool = False
-    status: str = "running"  # running | eos | error | removed | stopped
+    status: str = "running"  # running, then eos | error | removed | stopped
     last_index: int | None = None
     last_drop_event: float = 0.0
     progress: tqdm | None = None
@@ -96,6 +99,8 @@ class Job:
         return self.summary()
 
     def stop(self) -> None:
+        """Stop reading and end once the batches in flight are written. Call it from the loop's thread (Ctrl-C and
+        the `stop` control message do); from elsewhere, send the control message."""
         self.stopping = True
         for run in self.sources.values():
             run.status = "stopped" if run.status == "running" else run.status
@@ -118,7 +123,7 @@ class Job:
                   " skipped", file=sys.stderr)
             return
         start = 0 if state.last_frame_index is None else state.last_frame_index + 1
-        decoder = ray.remote(StreamDecoder).options(num_cpus=self.config.decoder.num_cpus).remote(
+        decoder = Decoder.options(num_cpus=self.config.decoder.num_cpus).remote(
             source, self.size, self.config.decoder, start)
         self.sources[source.id] = SourceRun(source, decoder, last_index=state.last_frame_index)
 
@@ -133,18 +138,22 @@ class Job:
     def _start_workers(self) -> None:
         check_model_path(self.config.model)
         w = self.config.workers
-        actor = ray.remote(DetectorWorker).options(num_cpus=w.num_cpus, num_gpus=w.num_gpus,
-                                                   max_restarts=w.max_restarts, max_task_retries=w.max_task_retries)
+        actor = Worker.options(num_cpus=w.num_cpus, num_gpus=w.num_gpus, max_restarts=w.max_restarts,
+                               max_task_retries=w.max_task_retries)
         self.workers = [actor.remote(self.config.model, max(1, int(w.num_cpus))) for _ in range(w.count)]
         ray.get([worker.device.remote() for worker in self.workers])  # a model that fails to load fails here
 
     def _shutdown(self) -> None:
-        for run in [*self.sources.values(), *self.finished.values()]:
-            if run.progress is not None:
-                run.progress.close()
-            ray.kill(run.decoder)
+        for run in self.sources.values():
+            self._release(run)
         for worker in self.workers:
             ray.kill(worker)
+
+    @staticmethod
+    def _release(run: SourceRun) -> None:
+        if run.progress is not None:
+            run.progress.close()
+        ray.kill(run.decoder)
 
     # --- the loop ---
 
@@ -168,8 +177,11 @@ class Job:
                 run.read = run.decoder.read.options(num_returns=2).remote(n, _READ_WAIT_S)
 
     def _timeout(self) -> float:
+        """Until the next batch is due; while every worker is busy, a finishing batch is what to wait for."""
         deadline = self.batcher.deadline()
-        return _READ_WAIT_S if deadline is None else min(_READ_WAIT_S, max(0.0, deadline - time.time()))
+        if deadline is None or self._free_worker() is None:
+            return _READ_WAIT_S
+        return min(_READ_WAIT_S, max(0.0, deadline - time.time()))
 
     def _wait(self, timeout: float) -> None:
         reads = {run.read[0]: run for run in self.sources.values() if run.read is not None}
@@ -279,6 +291,7 @@ class Job:
             self.sink.write_eos(run.config.id, run.last_index, frames.frames if frames else 0)
             run.status = "eos" if run.status == "running" else run.status
         self.finished[run.config.id] = self.sources.pop(run.config.id)
+        self._release(run)  # a long-running job must not accumulate idle decoder actors
 
     def _fail(self, run: SourceRun, message: str) -> None:
         self.sink.event(Event(type="error", source_id=run.config.id, message=message))
