@@ -3,11 +3,12 @@ random weights (default R50 config: 6+6 layers, 300 queries, 250 labels as DETR-
 
     .venv/bin/python bench/bench_panoptic.py [--queries 30] [--repeats 2] [--threads 2]
 
-Each measurement runs in its own subprocess and reports that process's maximum resident set size
-(`resource.getrusage`, which sees torch's allocations; `tracemalloc` does not). The peak is reset after the model
-is loaded (Linux `/proc/self/clear_refs`), so `peak_rss_mb` is the whole process during inference (interpreter,
-torch, weights, activations) and not the loading; `loaded_rss_mb` is the resident size before the first forward,
-so `peak - loaded` is what inference itself costs.
+Each measurement runs in its own subprocess and reports that process's peak resident set size (VmHWM in
+/proc/self/status, which sees torch's allocations; `tracemalloc` does not). `resource.getrusage`'s ru_maxrss is not
+used: after fork + exec it starts at the parent's peak, which here holds a whole model. The peak is reset after the
+model is loaded (writing 5 to /proc/self/clear_refs), so `peak_rss_mb` is the whole process during inference
+(interpreter, torch, weights, activations) without the loading; `loaded_rss_mb` is the resident size before the
+first forward, so `peak - loaded` is what inference itself costs.
 
 Measurements (1 image, fp32, CPU, no padding):
   * transformers at 384x512, once (it needs about 9 GB and 13 s: masks for all 300 queries, quirk Q13);
@@ -25,7 +26,7 @@ import gc
 import json
 import os
 import platform
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -48,14 +49,15 @@ MEASUREMENTS = (  # (implementation, height, width, masks: "all" or "top_k"), in
 )
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident), in MiB."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    return int(match.group(1)) / 1024
 
 
 def _reset_peak_rss() -> None:
-    """Forget the peak so far (writing 5 to clear_refs resets the high-water mark that getrusage reports)."""
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -73,7 +75,7 @@ def measure(args: argparse.Namespace) -> dict:
         options = {"top_k": args.queries} if args.masks == "top_k" else {}
     pixel_values = torch.randn(1, 3, args.height, args.width, generator=torch.Generator().manual_seed(0))
     _reset_peak_rss()
-    loaded = _peak_rss_mb()
+    loaded = _status_mb("VmRSS")
     times = []
     with torch.inference_mode():
         for _ in range(args.repeats):
@@ -85,7 +87,8 @@ def measure(args: argparse.Namespace) -> dict:
     return {"implementation": args.impl, "input": [1, 3, args.height, args.width],
             "masks": "all 300" if args.masks == "all" else f"top_k={args.queries}",
             "masks_computed": output.pred_masks.shape[1], "best_ms": round(min(times), 1),
-            "runs_ms": [round(t, 1) for t in times], "loaded_rss_mb": round(loaded), "peak_rss_mb": round(_peak_rss_mb())}
+            "runs_ms": [round(t, 1) for t in times], "loaded_rss_mb": round(loaded),
+            "peak_rss_mb": round(_status_mb("VmHWM"))}
 
 
 def run_measurement(weights: Path, impl: str, height: int, width: int, masks: str, args: argparse.Namespace,
