@@ -63,6 +63,18 @@ def test_logits_and_masks_match_transformers(hf_model, full_output, batch):
     torch.testing.assert_close(full_output.pred_boxes, detection.pred_boxes, atol=TOLERANCE, rtol=0)
 
 
+def test_narrow_resnet18_model_matches_transformers(batch, tmp_path):
+    # The shape of the project's small models: other FPN widths (64/128/256) and a narrower head (136 -> 8).
+    torch.manual_seed(1)
+    reference = HFSegmentation(HFConfig(**{**SMALL, "backbone": "resnet18", "d_model": 128})).eval()
+    randomize_(reference, seed=1)
+    ours = ConditionalDetrForSegmentation.from_pretrained(save_hf_v4(reference, tmp_path))
+    with torch.no_grad():
+        expected, output = reference(pixel_values=batch[0], pixel_mask=batch[1]), ours(*batch)
+    torch.testing.assert_close(output.logits, expected.logits, atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(output.pred_masks, expected.pred_masks, atol=TOLERANCE, rtol=0)
+
+
 def test_detection_outputs_equal_the_detection_model(model, full_output, batch):
     detector = ConditionalDetrForObjectDetection(model.config).eval()
     detector.load_state_dict(model.conditional_detr.state_dict())
