@@ -36,11 +36,13 @@ def reference(request, tmp_path_factory):
 
 @pytest.mark.parametrize("layout", list(SAVERS))
 def test_detection_matches_transformers(reference, layout, record_property):
-    name, expected, dirs, _ = reference
+    name, expected, dirs, hf = reference
     model = ConditionalDetrForObjectDetection.from_pretrained(dirs[layout])
     pixel_values, pixel_mask = padded_batch()
-    with torch.no_grad():
-        out = model(pixel_values, pixel_mask)
+    with torch.no_grad():  # the staged forward (what the segmentation head uses); == forward(), see below
+        features = model.model.extract_features(pixel_values, pixel_mask)
+        memory = model.model.encode(features)
+        out = model.detection_output(*model.model.decode(memory, features), memory)
     logits_diff = (out.logits - expected.logits).abs().max().item()
     boxes_diff = (out.pred_boxes - expected.pred_boxes).abs().max().item()
     record_property("max_abs_diff", {"backbone": name, "layout": layout, "logits": logits_diff, "boxes": boxes_diff})
@@ -49,6 +51,13 @@ def test_detection_matches_transformers(reference, layout, record_property):
     assert logits_diff < TOLERANCE and boxes_diff < TOLERANCE
     assert torch.allclose(out.last_hidden_state, expected.last_hidden_state, atol=TOLERANCE)
     assert torch.allclose(out.encoder_last_hidden_state, expected.encoder_last_hidden_state, atol=TOLERANCE)
+    # Reference points: ours (B, Q, 2) = sigmoid(ref_point_head(learned queries)), the same for every image
+    # (HF's base-model output holds them as (Q, B, 2), quirk Q1).
+    with torch.no_grad():
+        hf_points = hf.model.decoder.ref_point_head(hf.model.query_position_embeddings.weight).sigmoid()
+    assert torch.allclose(out.reference_points, hf_points.expand(2, -1, -1), atol=TOLERANCE)
+    strides = [pixel_values.shape[-1] // f.shape[-1] for f in features.feature_maps]
+    assert strides == ([4, 8, 16, 16] if name == "R50-DC5" else [4, 8, 16, 32])
 
 
 def test_layouts_are_what_transformers_writes(reference):
@@ -63,24 +72,6 @@ def test_layouts_are_what_transformers_writes(reference):
     assert "model.decoder.layers.1.ca_qpos_proj.weight" not in v4_keys
     assert "model.backbone.model.conv1.weight" in v5_keys
     assert "model.decoder.layers.0.encoder_attn.q_pos_proj.weight" in v5_keys
-
-
-def test_reference_points_and_dc5_stride(reference):
-    name, _, dirs, hf = reference
-    model = ConditionalDetrForObjectDetection.from_pretrained(dirs["v4"])
-    pixel_values, pixel_mask = padded_batch()
-    with torch.no_grad():
-        features = model.model.extract_features(pixel_values, pixel_mask)
-        out = model(pixel_values, pixel_mask)
-    # Ours are (B, Q, 2) = sigmoid(ref_point_head(learned queries)), the same for every image of the batch
-    # (HF's base-model output holds them as (Q, B, 2), quirk Q1).
-    with torch.no_grad():
-        hf_points = hf.model.decoder.ref_point_head(hf.model.query_position_embeddings.weight).sigmoid()
-    assert out.reference_points.shape == (2, *hf_points.shape)
-    assert torch.allclose(out.reference_points, hf_points.expand(2, -1, -1), atol=TOLERANCE)
-    strides = [pixel_values.shape[-1] // f.shape[-1] for f in features.feature_maps]
-    assert strides == ([4, 8, 16, 16] if name == "R50-DC5" else [4, 8, 16, 32])
-    assert features.projected.shape[1] == model.config.d_model
 
 
 def test_saved_checkpoint_loads_in_transformers(tmp_path):
