@@ -6,9 +6,12 @@ Both run in the same process on the same videos, model and Redis (a private redi
   pipeline  `run_job`: a StreamDecoder actor per source (swscale to model size), batches across sources,
             DetectorWorker actor(s), pipelined XADDs
 Reports frames/s of each (wall time from the first frame requested to the last result in Redis; the pipeline's
-includes starting its actors), the ratio pipeline / naive, and the pipeline's per-source summary. Prints JSON.
+includes starting its actors, so it also reports `steady_fps`, from its first result to its last), the ratios
+pipeline / naive, and the pipeline's per-source summary. Prints JSON.
+Both run the model with `--threads` torch threads (the pipeline worker reserves that many Ray CPUs): on a shared
+machine more intra-op threads than free cores make every forward pass several times slower and noisier.
 
-    python bench/bench_pipeline.py [--sources 4] [--seconds 8] [--batch-size 8] [--num-gpus 0]
+    python bench/bench_pipeline.py [--sources 4] [--seconds 8] [--batch-size 8] [--threads 1] [--num-gpus 0]
 
 The model is `model/weights/shapes-tiny` when it exists, otherwise a random tiny model (said in the output).
 """
@@ -30,7 +33,7 @@ from model.shapes import write_sample_video  # noqa: E402
 from pipeline.config import DEFAULT_MODEL_PATH, ModelSettings, PipelineConfig  # noqa: E402
 from pipeline.demo import save_random_tiny_model  # noqa: E402
 from pipeline.redis_server import start_redis_server  # noqa: E402
-from pipeline.runner import run_job  # noqa: E402
+from pipeline.runner import Job  # noqa: E402
 from pipeline.schema import FrameResult  # noqa: E402
 from pipeline.sink import RedisSink, connect  # noqa: E402
 from pipeline.worker import Detector  # noqa: E402
@@ -58,18 +61,22 @@ def naive(videos: list[Path], settings: ModelSettings, sink: RedisSink) -> dict:
     return {"frames": frames, "seconds": round(seconds, 2), "fps": round(frames / seconds, 2)}
 
 
-def pipeline(videos: list[Path], settings: ModelSettings, redis_url: str, batch_size: int, num_gpus: float) -> dict:
+def pipeline(videos: list[Path], settings: ModelSettings, redis_url: str, batch_size: int, threads: int,
+             num_gpus: float) -> dict:
     config = PipelineConfig.model_validate({
         "sources": [{"id": f"pipe-{v.stem}", "url": str(v)} for v in videos],
         "batching": {"max_batch_size": batch_size},
-        "workers": {"num_gpus": num_gpus},
+        "workers": {"num_cpus": threads, "num_gpus": num_gpus},
         "model": settings.model_dump(), "redis": {"url": redis_url, "prefix": "bench"}})
+    job = Job(config, RedisSink(connect(redis_url), "bench"))
     started = time.perf_counter()
-    summary = run_job(config)
+    summary = job.run()
     seconds = time.perf_counter() - started
     frames = sum(s["frames"] for s in summary.values())
+    stats = job.metrics.sources.values()
+    writing = max(s.last_at for s in stats) - min(s.first_at for s in stats)
     return {"frames": frames, "seconds": round(seconds, 2), "fps": round(frames / seconds, 2),
-            "per_source": summary}
+            "steady_fps": round((frames - 1) / writing, 2), "per_source": summary}
 
 
 def main() -> None:
@@ -77,6 +84,7 @@ def main() -> None:
     parser.add_argument("--sources", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each 25 fps source video")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the model, naive and pipeline")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per pipeline worker")
     args = parser.parse_args()
 
@@ -93,16 +101,19 @@ def main() -> None:
     try:
         ray.init(num_cpus=os.cpu_count(), num_gpus=1 if torch.cuda.is_available() else 0,
                  include_dashboard=False, log_to_driver=False)
+        torch.set_num_threads(args.threads)
         naive_result = naive(videos, settings, RedisSink(connect(redis_url), "bench"))
-        pipeline_result = pipeline(videos, settings, redis_url, args.batch_size, args.num_gpus)
+        pipeline_result = pipeline(videos, settings, redis_url, args.batch_size, args.threads, args.num_gpus)
     finally:
         ray.shutdown()
         redis_process.terminate()
     print(json.dumps({
         "bench": "pipeline", "sources": args.sources, "source_size": list(SIZE), "seconds_per_source": args.seconds,
         "model": str(model_path), "random_weights": random_weights, "batch_size": args.batch_size,
+        "threads": args.threads,
         "naive": naive_result, "pipeline": pipeline_result,
         "ratio_fps_pipeline_over_naive": round(pipeline_result["fps"] / naive_result["fps"], 2),
+        "ratio_steady_fps_pipeline_over_naive": round(pipeline_result["steady_fps"] / naive_result["fps"], 2),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "versions": {"torch": torch.__version__, "ray": ray.__version__, "av": av.__version__},

@@ -80,11 +80,12 @@ class Job:
 
     def run(self) -> dict[str, dict]:
         """Process until every source has ended (or a stop); returns the per-source summary."""
-        self._start_workers()
+        workers_ready = self._start_workers()
         self._control_cursor = self._control_tail()
-        for source in self.config.sources:
-            self.add_source(source)
         try:
+            for source in self.config.sources:
+                self.add_source(source)  # decoders fill their buffers while the workers load the model
+            ray.get(workers_ready)  # a model that fails to load fails here
             while True:
                 try:
                     if self._step():
@@ -135,13 +136,14 @@ class Job:
         run.status = "removed"
         run.decoder.stop.remote()
 
-    def _start_workers(self) -> None:
+    def _start_workers(self) -> list[ray.ObjectRef]:
+        """Start the workers; returns refs that resolve once each has loaded the model."""
         check_model_path(self.config.model)
         w = self.config.workers
         actor = Worker.options(num_cpus=w.num_cpus, num_gpus=w.num_gpus, max_restarts=w.max_restarts,
                                max_task_retries=w.max_task_retries)
         self.workers = [actor.remote(self.config.model, max(1, int(w.num_cpus))) for _ in range(w.count)]
-        ray.get([worker.device.remote() for worker in self.workers])  # a model that fails to load fails here
+        return [worker.device.remote() for worker in self.workers]
 
     def _shutdown(self) -> None:
         for run in self.sources.values():
