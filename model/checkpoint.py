@@ -54,7 +54,8 @@ _DEC = r"(decoder\.layers\.\d+)"
 
 V5 = Layout(
     name="hf-v5",
-    detect=r"backbone\.model\.|\.o_proj\.|\.mlp\.fc[12]\.|_content_proj\.",
+    # v5 `save_pretrained` reverts the renames above but leaves the learned position embedding at `model.`.
+    detect=r"backbone\.model\.|\.o_proj\.|\.mlp\.fc[12]\.|_content_proj\.|(^|\.)model\.position_embedding\.",
     renames=(
         (r"backbone\.model\.", "backbone.conv_encoder.model."),
         (r"(^|\.)model\.position_embedding\.", r"\1model.backbone.position_embedding."),

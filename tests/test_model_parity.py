@@ -104,6 +104,20 @@ def test_narrow_resnet18_model_matches_transformers(tmp_path):
     assert torch.allclose(out.pred_boxes, expected.pred_boxes, atol=TOLERANCE)
 
 
+@pytest.mark.parametrize("save", [save_hf_v4, save_hf_v5])
+def test_learned_position_embedding_matches_transformers(tmp_path, save):
+    hf = make_hf_detector("resnet18", position_embedding_type="learned", seed=2)
+    pixel_values, pixel_mask = padded_batch(seed=2)
+    with torch.no_grad():
+        expected = hf(pixel_values=pixel_values, pixel_mask=pixel_mask)
+    model = ConditionalDetrForObjectDetection.from_pretrained(save(hf, tmp_path))
+    assert model.config.position_embedding_type == "learned"
+    with torch.no_grad():
+        out = model(pixel_values, pixel_mask)
+    assert torch.allclose(out.logits, expected.logits, atol=TOLERANCE)
+    assert torch.allclose(out.pred_boxes, expected.pred_boxes, atol=TOLERANCE)
+
+
 @pytest.fixture(scope="module")
 def tiny_config():
     return ConditionalDetrConfig(backbone="resnet18", d_model=64, encoder_layers=2, decoder_layers=3,
