@@ -163,7 +163,8 @@ class DecoderLayer(FeedForwardMixin, nn.Module):
         heads = self.num_heads
         q = self.sa_qcontent_proj(hidden) + self.sa_qpos_proj(query_pos)
         k = self.sa_kcontent_proj(hidden) + self.sa_kpos_proj(query_pos)
-        attended = self.self_attn(split_heads(q, heads), split_heads(k, heads), split_heads(self.sa_v_proj(hidden), heads))
+        v = self.sa_v_proj(hidden)
+        attended = self.self_attn(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads))
         hidden = self.self_attn_layer_norm(hidden + self.dropout(attended))
 
         query, key = self._cross_attention_query_key(hidden, query_pos, query_sine_embed, memory, memory_pos)
