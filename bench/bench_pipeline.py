@@ -11,7 +11,8 @@ pipeline / naive, and the pipeline's per-source summary. Prints JSON.
 Both run the model with `--threads` torch threads (the pipeline worker reserves that many Ray CPUs): on a shared
 machine more intra-op threads than free cores make every forward pass several times slower and noisier.
 
-    python bench/bench_pipeline.py [--sources 4] [--seconds 8] [--batch-size 8] [--threads 1] [--num-gpus 0]
+    python bench/bench_pipeline.py [--sources 4] [--seconds 8] [--batch-size 8] [--threads 1] [--workers 1]
+                                   [--num-gpus 0]
 
 The model is `model/weights/shapes-tiny` when it exists, otherwise a random tiny model (said in the output).
 """
@@ -61,12 +62,13 @@ def naive(videos: list[Path], settings: ModelSettings, sink: RedisSink) -> dict:
     return {"frames": frames, "seconds": round(seconds, 2), "fps": round(frames / seconds, 2)}
 
 
-def pipeline(videos: list[Path], settings: ModelSettings, redis_url: str, batch_size: int, threads: int,
-             num_gpus: float) -> dict:
+def pipeline(videos: list[Path], settings: ModelSettings, redis_url: str, args: argparse.Namespace) -> dict:
     config = PipelineConfig.model_validate({
         "sources": [{"id": f"pipe-{v.stem}", "url": str(v)} for v in videos],
-        "batching": {"max_batch_size": batch_size},
-        "workers": {"num_cpus": threads, "num_gpus": num_gpus},
+        "batching": {"max_batch_size": args.batch_size},
+        # Ray's CPU counts are reservations: the workers' threads take what the decoders do not use.
+        "workers": {"count": args.workers, "num_cpus": args.threads, "num_gpus": args.num_gpus},
+        "decoder": {"num_cpus": 0},
         "model": settings.model_dump(), "redis": {"url": redis_url, "prefix": "bench"}})
     job = Job(config, RedisSink(connect(redis_url), "bench"))
     started = time.perf_counter()
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each 25 fps source video")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the model, naive and pipeline")
+    parser.add_argument("--workers", type=int, default=1, help="DetectorWorker actors (model replicas)")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per pipeline worker")
     args = parser.parse_args()
 
@@ -103,14 +106,14 @@ def main() -> None:
                  include_dashboard=False, log_to_driver=False)
         torch.set_num_threads(args.threads)
         naive_result = naive(videos, settings, RedisSink(connect(redis_url), "bench"))
-        pipeline_result = pipeline(videos, settings, redis_url, args.batch_size, args.threads, args.num_gpus)
+        pipeline_result = pipeline(videos, settings, redis_url, args)
     finally:
         ray.shutdown()
         redis_process.terminate()
     print(json.dumps({
         "bench": "pipeline", "sources": args.sources, "source_size": list(SIZE), "seconds_per_source": args.seconds,
         "model": str(model_path), "random_weights": random_weights, "batch_size": args.batch_size,
-        "threads": args.threads,
+        "threads": args.threads, "workers": args.workers,
         "naive": naive_result, "pipeline": pipeline_result,
         "ratio_fps_pipeline_over_naive": round(pipeline_result["fps"] / naive_result["fps"], 2),
         "ratio_steady_fps_pipeline_over_naive": round(pipeline_result["steady_fps"] / naive_result["fps"], 2),
