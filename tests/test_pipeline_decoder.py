@@ -95,3 +95,25 @@ def test_live_udp_source_reconnects_and_drops_oldest(tmp_path):
     finally:
         sender.kill()
         decoder.stop()
+
+
+def test_live_tcp_source_reports_the_lost_connection(tmp_path):
+    video = encode_video(tmp_path / "live.ts", 50, (96, 64), fps=25)
+    port = free_port()
+    sender = subprocess.Popen(["ffmpeg", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(video),
+                               "-c", "copy", "-f", "mpegts", f"tcp://127.0.0.1:{port}?listen=1"])
+    # ffmpeg serves one connection, so no probing: until it listens the decoder's own retries are refused.
+    decoder = StreamDecoder(SourceConfig(id="tcp", url=f"tcp://127.0.0.1:{port}"), SIZE, LIVE)
+    try:
+        _, metas, _ = wait_for_event(decoder, "started")
+        deadline = time.monotonic() + 10
+        while len(metas) < 10 and time.monotonic() < deadline:
+            metas += decoder.read(4, wait_s=0.5)[0].frames
+        assert len(metas) >= 10
+        sender.kill()
+        events, _, _ = wait_for_event(decoder, "reconnecting")
+        attempts = [e for e in events if e.type == "reconnecting"]
+        assert attempts[0].details == {"attempt": 1, "delay_s": LIVE.reconnect_initial_s}
+    finally:
+        sender.kill()
+        decoder.stop()
