@@ -134,3 +134,25 @@ def test_stop_mid_run_flushes_in_order_and_the_next_run_resumes(tmp_path, redis_
     assert Job(config, sink).run()["interrupted"]["status"] == "eos"
     entries = stream(sink, "interrupted")
     assert [r["frame_index"] for t, r in entries if t == "frame"] == list(range(150)) and entries[-1][0] == "eos"
+
+
+def test_a_killed_worker_is_restarted_and_no_frame_is_lost_or_repeated(tmp_path, redis_server, redis_client,
+                                                                       ray_session, tiny_model):
+    video = encode_video(tmp_path / "crash.mp4", 120, (64, 48))
+    sink = RedisSink(redis_client, PREFIX)
+    config = PipelineConfig.model_validate({
+        "sources": [{"id": "crash", "url": str(video)}], "batching": {"max_batch_size": 4},
+        "decoder": {"num_cpus": 0.1}, "model": {"path": str(tiny_model)},
+        "redis": {"url": redis_server["url"], "prefix": PREFIX}})
+    job = Job(config, sink)
+    summary = {}
+    thread = threading.Thread(target=lambda: summary.update(job.run()))
+    thread.start()
+    wait_for(lambda: sink.client.xlen(sink.frames_key("crash")) >= 8)
+    # The worker process dies with batches in flight; Ray restarts it (max_restarts) and retries them
+    # (max_task_retries); explicit entry IDs keep the retried writes idempotent.
+    ray_session.kill(job.workers[0], no_restart=False)
+    thread.join(timeout=180)
+    assert not thread.is_alive() and summary["crash"]["status"] == "eos"
+    entries = stream(sink, "crash")
+    assert [r["frame_index"] for t, r in entries if t == "frame"] == list(range(120)) and entries[-1][0] == "eos"
