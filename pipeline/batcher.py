@@ -29,9 +29,6 @@ class Batcher:
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def __contains__(self, chunk: Chunk) -> bool:
-        return any(c is chunk for c in self._waiting)
-
     def add(self, chunk: Chunk) -> None:
         if not 0 < chunk.size <= self.max_batch_size:
             raise ValueError(f"chunk of {chunk.size} frames does not fit a batch of {self.max_batch_size}")

@@ -15,7 +15,6 @@ from pydantic.json_schema import models_json_schema
 from pipeline.config import SourceConfig
 
 WIRE_VERSION = 1
-EVENT_TYPES = ("started", "reconnecting", "recovered", "error", "eos", "dropped")
 
 
 class Detection(BaseModel):

@@ -1,10 +1,11 @@
 """Reading results back: FrameResults of one source as pydantic objects, plainly or through a consumer group.
 
-Without a group the subscriber reads the stream from the start (or `start_id`). With a group it gets
-at-least-once delivery: an entry is acknowledged when the loop asks for the next one (so an entry whose handler
-crashed stays pending, with the rest of the up to 100 entries read ahead with it); on start it first re-reads its own pending entries, then claims entries other consumers
-left pending longer than `claim_idle_ms` (XAUTOCLAIM), then reads new ones. Iteration ends after the `eos` entry
-(acknowledged too), or when `block_ms` passes without a new entry if `block_ms` is not None.
+Without a group the subscriber reads the stream from its start; a new group also starts there. With a group it
+gets at-least-once delivery: an entry is acknowledged when the loop asks for the next one, so an entry whose
+handler crashed stays pending (with the rest of the up to 100 entries read ahead with it). On start it first
+re-reads its own pending entries, then claims entries other consumers left pending longer than `claim_idle_ms`
+(XAUTOCLAIM), then reads new ones. Iteration ends after the `eos` entry (acknowledged too), or, when `block_ms`
+is set, once that long passes without a new entry.
 """
 import argparse
 import sys
@@ -21,8 +22,7 @@ _BATCH = 100
 
 class Subscriber:
     def __init__(self, client: redis.Redis, source_id: str, prefix: str = "cdetr", group: str | None = None,
-                 consumer: str | None = None, claim_idle_ms: int = 60_000, block_ms: int | None = None,
-                 start_id: str = "0-0"):
+                 consumer: str | None = None, claim_idle_ms: int = 60_000, block_ms: int | None = None):
         if (group is None) != (consumer is None):
             raise ValueError("a consumer group needs both group and consumer names")
         self.client = client
@@ -31,8 +31,6 @@ class Subscriber:
         self.consumer = consumer
         self.claim_idle_ms = claim_idle_ms
         self.block_ms = block_ms
-        self.start_id = start_id
-        self.last_id: str | None = None  # entry id of the last FrameResult yielded
 
     def __iter__(self) -> Iterator[FrameResult]:
         entries = self._group_entries() if self.group else self._plain_entries()
@@ -40,12 +38,11 @@ class Subscriber:
             if fields.get("type") == "eos":
                 self._ack(entry_id)
                 return
-            self.last_id = entry_id
             yield FrameResult.model_validate_json(fields["json"])
             self._ack(entry_id)  # the loop body finished with this entry
 
     def _plain_entries(self) -> Iterator[tuple[str, dict]]:
-        cursor = self.start_id
+        cursor = "0-0"
         while True:
             reply = self.client.xread({self.key: cursor}, count=_BATCH, block=self._block())
             if not reply:
@@ -58,7 +55,7 @@ class Subscriber:
 
     def _group_entries(self) -> Iterator[tuple[str, dict]]:
         try:
-            self.client.xgroup_create(self.key, self.group, id=self.start_id, mkstream=True)
+            self.client.xgroup_create(self.key, self.group, id="0", mkstream=True)
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
