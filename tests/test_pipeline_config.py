@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.batcher import Batcher, Chunk
 from pipeline.cli import main
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, ModelSettings, load_config
 from pipeline.sources import parse_source_url
 
 
@@ -117,3 +117,13 @@ def test_one_chunk_per_source_per_batch_and_arrival_order():
     assert [(c.source_id, c.size) for c in batcher.next_batch(now=0.0)] == [("a", 2), ("c", 2)]
     with pytest.raises(ValueError, match="does not fit"):
         batcher.add(chunk("d", 5))
+
+
+def test_model_size_override_reaches_the_processor(tmp_path, tiny_model):
+    from pipeline.worker import load_processor
+
+    # The tiny model's preprocessor_config.json says 64/96; the override wins, for decoders and workers alike.
+    assert load_processor(ModelSettings(path=tiny_model)).size == {"shortest_edge": 64, "longest_edge": 96}
+    override = {"shortest_edge": 32, "longest_edge": 48}
+    assert load_processor(ModelSettings(path=tiny_model, size=override)).size == override
+    assert load_processor(ModelSettings(path=tmp_path)).size == {"shortest_edge": 800, "longest_edge": 1333}
