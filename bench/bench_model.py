@@ -1,7 +1,7 @@
 """Forward time of Conditional DETR-R50 (default config: 6+6 layers, 300 queries, 91 labels), ours vs
 `transformers`, on the same random weights, at 1x3x800x1066 fp32. Prints one JSON object.
 
-    .venv/bin/python bench/bench_model.py [--repeats 3] [--device cpu] [--height 800 --width 1066]
+    .venv/bin/python bench/bench_model.py [--repeats 3] [--device cpu] [--threads N] [--height 800 --width 1066]
 
 `transformers` is the baseline measured in the same run (its default SDPA attention and its eager attention);
 each ratio = best HF time / our time (> 1: we are faster), for wall time and for process CPU time. The logits are
@@ -62,7 +62,11 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1066)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); with 1 thread "
+                        "the CPU time is a clean measure of work even on a busy machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
     torch.manual_seed(0)

@@ -63,9 +63,7 @@ class ConvEncoder(nn.Module):
         if config.num_channels != 3:
             resnet.conv1 = nn.Conv2d(config.num_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         del resnet.fc, resnet.avgpool
-        # channels_last: oneDNN / cuDNN convolutions run faster in NHWC (measured ~30% less CPU time for R50 at
-        # 800x1066), and the flattened last map comes out already in the (B, S, C) order the encoder needs.
-        self.model = resnet.to(memory_format=torch.channels_last)
+        self.model = resnet
         self.channels = [self._stage_channels(getattr(resnet, name)) for name in STAGES]
         if config.frozen_batch_norm:
             # Pretrained use (original Conditional DETR): only layer2-4 are fine-tuned; the stem and layer1 keep
@@ -82,8 +80,7 @@ class ConvEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(B, C, H, W), (B, H, W) bool → [(feature map, mask)] for strides 4, 8, 16, 32 (DC5: 4, 8, 16, 16)."""
         m = self.model
-        x = pixel_values.contiguous(memory_format=torch.channels_last)
-        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        x = m.maxpool(m.relu(m.bn1(m.conv1(pixel_values))))
         out = []
         for name in STAGES:
             x = getattr(m, name)(x)
