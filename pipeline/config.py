@@ -38,7 +38,10 @@ class SourceConfig(_Section):
     @field_validator("url")
     @classmethod
     def _allowed_url(cls, url: str) -> str:
-        parse_source_url(url)
+        source = parse_source_url(url)
+        # Decoder actors may run in another directory (or on another node): relative to where cdetr was run.
+        if source.scheme == "file" and not url.startswith("file:"):
+            return str(Path(source.target).resolve())
         return url
 
     @property

@@ -127,3 +127,10 @@ def test_model_size_override_reaches_the_processor(tmp_path, tiny_model):
     override = {"shortest_edge": 32, "longest_edge": 48}
     assert load_processor(ModelSettings(path=tiny_model, size=override)).size == override
     assert load_processor(ModelSettings(path=tmp_path)).size == {"shortest_edge": 800, "longest_edge": 1333}
+
+
+def test_relative_file_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(env={}, overrides={"sources": [{"id": "a", "url": "videos/a.mp4"},
+                                                        {"id": "b", "url": "rtsp://cam/stream"}]})
+    assert [s.url for s in config.sources] == [str(tmp_path / "videos" / "a.mp4"), "rtsp://cam/stream"]
