@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from model.box_ops import box_xyxy_to_xywh
-from model.panoptic import decode_id_png
+from model.panoptic import decode_id_png, mask_to_rle
 
 COCO_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
               "AR_1", "AR_10", "AR_100", "AR_small", "AR_medium", "AR_large")
@@ -108,6 +109,28 @@ def panoptic_quality(ground_truth: list[tuple[np.ndarray, list[dict]]],
     return result
 
 
+def _instance_results(outputs, pixel_mask: torch.Tensor, infos: list[dict], top_k: int = 100) -> list[dict]:
+    """COCO segm results the way DETR's `PostProcessSegm` makes them: the top-k (query, class) pairs by sigmoid
+    score, each with its query's own mask (overlaps allowed, unlike the panoptic / instance post-processing, which
+    lets every pixel go to one query), cropped to the unpadded input, resized to the image and cut at p > 0.5."""
+    probs = outputs.logits.sigmoid().flatten(1)  # (B, Q * C)
+    num_classes = outputs.logits.shape[-1]
+    scores, index = probs.topk(min(top_k, probs.shape[1]), dim=1)
+    masks = F.interpolate(outputs.pred_masks, size=pixel_mask.shape[-2:], mode="bilinear", align_corners=False)
+    results = []
+    for b, info in enumerate(infos):
+        height, width = int(pixel_mask[b].any(1).sum()), int(pixel_mask[b].any(0).sum())
+        queries = (index[b] // num_classes).tolist()
+        kept = sorted(set(queries))
+        resized = F.interpolate(masks[b, kept, :height, :width][None], size=(info["height"], info["width"]),
+                                mode="bilinear", align_corners=False)[0]
+        rles = {q: mask_to_rle(m > 0) for q, m in zip(kept, resized)}  # logit > 0 <=> probability > 0.5
+        for score, flat, query in zip(scores[b].tolist(), index[b].tolist(), queries):
+            results.append({"image_id": info["id"], "category_id": flat % num_classes,
+                            "segmentation": rles[query], "score": score})
+    return results
+
+
 def _batches(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -117,7 +140,8 @@ def _batches(items: list, size: int):
 def evaluate(model, processor, data_dir: str | Path, batch_size: int = 8, device: str = "cpu",
              threshold: float = 0.5) -> dict:
     """bbox AP of any detection model on `data_dir`; with a segmentation model (outputs with `pred_masks`) also
-    segm AP and panoptic quality (panoptic `threshold` on the sigmoid scores; stuff categories fused)."""
+    segm AP (masks of the top-100 detections) and panoptic quality (the processor's panoptic post-processing with
+    `threshold` on the sigmoid scores, stuff categories fused)."""
     data_dir = Path(data_dir)
     coco = json.loads((data_dir / "annotations.json").read_text())
     panoptic_json = data_dir / "panoptic.json"
@@ -140,11 +164,7 @@ def evaluate(model, processor, data_dir: str | Path, batch_size: int = 8, device
                 detections.append({"image_id": info["id"], "category_id": label, "bbox": box, "score": score})
         if getattr(outputs, "pred_masks", None) is None:
             continue
-        for info, result in zip(infos, processor.post_process_instance_segmentation(
-                outputs, threshold=0.0, target_sizes=sizes, return_coco_annotation=True)):
-            for segment, rle in zip(result["segments_info"], result["segmentation"]):
-                instances.append({"image_id": info["id"], "category_id": segment["label_id"],
-                                  "segmentation": rle, "score": segment["score"]})
+        instances.extend(_instance_results(outputs, inputs["pixel_mask"], infos))
         if panoptic:
             for info, result in zip(infos, processor.post_process_panoptic_segmentation(
                     outputs, threshold=threshold, label_ids_to_fuse=set(stuff_ids), target_sizes=sizes)):

@@ -72,3 +72,29 @@ def test_bad_predictions_are_rejected():
         panoptic_quality([(gt, [{"id": 1, "category_id": 1}])], [(gt * 4, [])], CATEGORIES)
     with pytest.raises(ValueError, match="shape"):
         panoptic_quality([(gt, [])], [(np.ones((3, 2), np.int64), [])], CATEGORIES)
+
+
+def test_instance_results_use_each_querys_own_mask_inside_the_unpadded_image():
+    from types import SimpleNamespace
+
+    import torch
+
+    from model.evaluate import _instance_results
+    from model.panoptic import rle_to_mask
+
+    logits = torch.full((1, 2, 3), -10.0)
+    logits[0, 0, 1], logits[0, 1, 2] = 5.0, 4.0  # query 0: class 1, query 1: class 2
+    pred_masks = torch.full((1, 2, 16, 16), -10.0)
+    pred_masks[0, 0, 4:12, 4:8] = 10.0  # query 0: a 32x16 box in input pixels
+    pred_masks[0, 1, 4:12, 2:10] = 10.0  # query 1 overlaps query 0: both keep their masks
+    pixel_mask = torch.zeros(1, 64, 64, dtype=torch.int64)
+    pixel_mask[0, :, :48] = 1  # the image is 64 x 48, padded to 64 x 64
+    outputs = SimpleNamespace(logits=logits, pred_masks=pred_masks)
+    results = _instance_results(outputs, pixel_mask, [{"id": 7, "height": 128, "width": 96}], top_k=2)
+    assert [(r["image_id"], r["category_id"]) for r in results] == [(7, 1), (7, 2)]
+    first, second = (rle_to_mask(r["segmentation"]) for r in results)
+    assert first.shape == (128, 96)  # resized from the unpadded 64 x 48 input to the image size
+    expected = np.zeros((128, 96), bool)
+    expected[32:96, 32:64] = True
+    assert (first & expected).sum() / (first | expected).sum() > 0.9
+    assert (first & second).any()
