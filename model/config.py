@@ -141,7 +141,8 @@ class ConditionalDetrConfig:
         merged = {**config, **overrides}
         if "num_labels" in overrides and "id2label" not in overrides:
             # HF semantics: a new label count replaces the stored label names.
-            merged.pop("id2label", None), merged.pop("label2id", None)
+            merged.pop("id2label", None)
+            merged.pop("label2id", None)
         if merged.get("model_type", MODEL_TYPE) != MODEL_TYPE:
             raise ValueError(f"config has model_type {merged['model_type']!r}, expected {MODEL_TYPE!r}")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
@@ -154,8 +155,8 @@ class ConditionalDetrConfig:
                                  f"timm/torchvision ResNets ('timm_backbone') share this model's key layout")
             kwargs["backbone"] = nested.get("backbone") or "resnet50"
             kwargs["backbone_kwargs"] = nested
-        extra = {k: v for k, v in merged.items() if k not in known and k not in _DERIVED_KEYS}
-        return cls(**kwargs, extra={**merged.get("extra", {}), **extra})
+        unknown = {k: v for k, v in merged.items() if k not in known and k not in _DERIVED_KEYS and k != "extra"}
+        return cls(**kwargs, extra={**merged.get("extra", {}), **unknown})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict that `transformers` (v4 and v5) load offline: string label ids, no `backbone_kwargs`."""
