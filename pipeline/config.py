@@ -8,10 +8,10 @@ Invalid values raise `ConfigError` naming the field before anything starts.
 """
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.sources import parse_source_url
 
@@ -66,8 +66,23 @@ class BatchingConfig(_Section):
         return min(self.max_frames_per_source or self.max_batch_size, self.max_batch_size)
 
 
+def _custom_resources(resources: dict[str, float]) -> dict[str, float]:
+    """Ray refuses its predefined resources in `resources=`: they have their own fields."""
+    predefined = sorted(set(resources) & {"CPU", "GPU", "memory", "object_store_memory"})
+    if predefined:
+        raise ValueError(f"{', '.join(predefined)} cannot be custom resources (use num_cpus / num_gpus)")
+    return resources
+
+
+# Ray custom resources an actor requests, e.g. {decoder: 1}; only nodes that advertise them can take the actor.
+Resources = Annotated[dict[str, Annotated[float, Field(ge=0)]], AfterValidator(_custom_resources)]
+
+
 class DecoderConfig(_Section):
     num_cpus: float = Field(0.25, ge=0, description="Ray CPU reservation per StreamDecoder actor")
+    resources: Resources = Field(
+        default_factory=dict, description="Ray custom resources per StreamDecoder actor, e.g. {decoder: 1} "
+        "(deploy/README.md, Placement)")
     buffer_size: int = Field(64, ge=1, description="decoded frames buffered per source")
     open_timeout_s: float = Field(10.0, gt=0)
     read_timeout_s: float = Field(5.0, gt=0)
@@ -77,9 +92,14 @@ class DecoderConfig(_Section):
 
 
 class WorkersConfig(_Section):
-    count: int = Field(1, ge=1, description="DetectorWorker actors")
+    count: int = Field(1, ge=1, description="DetectorWorker actors (the most, with streams_per_worker)")
+    streams_per_worker: int | None = Field(
+        None, ge=1, description="start ceil(sources / this) workers, 1 to `count`, for the sources the job starts "
+        "with (None: always `count`); sources added later share them")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per worker; fractional shares a GPU; 0 runs on CPU")
     num_cpus: float = Field(1.0, ge=0)
+    resources: Resources = Field(
+        default_factory=dict, description="Ray custom resources per worker, e.g. {gpu_standin: 1}")
     max_restarts: int = Field(3, ge=-1, description="Ray restarts of a dead worker (-1: forever)")
     max_task_retries: int = Field(3, ge=-1, description="retries of a batch whose worker died (sink is idempotent)")
 
