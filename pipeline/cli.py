@@ -11,6 +11,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("pipeline.runner", "run the streaming pipeline: sources -> Ray workers -> Redis Streams"),
     "subscribe": ("pipeline.subscriber", "print a source's FrameResults from Redis as JSON lines"),
+    "submit": ("pipeline.submit", "add a source to a running pipeline (a message on its control stream)"),
     "detect": ("pipeline.detect", "detect on single images: JSON + rendered PNG"),
     "sample-video": ("pipeline.sample_video", "write a procedural shapes video with ground truth"),
     "render": ("pipeline.render", "annotated video of a source from its results in Redis"),

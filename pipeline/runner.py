@@ -29,6 +29,7 @@ from pipeline.batcher import Batcher, Chunk
 from pipeline.config import ConfigError, PipelineConfig, SourceConfig, load_config
 from pipeline.decoder import ChunkInfo, StreamDecoder
 from pipeline.metrics import PipelineMetrics
+from pipeline.placement import Placement, node_of, worker_count
 from pipeline.redis_server import resolve_redis_url
 from pipeline.schema import AddSource, ControlMessage, Event, FrameResult, RemoveSource, Stop
 from pipeline.sink import RedisSink, connect
@@ -46,6 +47,7 @@ Worker = ray.remote(DetectorWorker)
 class SourceRun:
     config: SourceConfig
     decoder: ray.actor.ActorHandle
+    home: str  # node id of the workers that serve it (pipeline/placement.py)
     read: list | None = None  # [info_ref, frames_ref] of the outstanding read()
     in_flight: int = 0  # frames read from the decoder but not yet written
     pending: deque[Chunk] = field(default_factory=deque)  # read but not yet written, in frame order
@@ -66,7 +68,8 @@ class Job:
         self.sink = sink
         self.show_progress = progress
         self.metrics = PipelineMetrics()
-        self.batcher = Batcher(config.batching.max_batch_size, config.batching.timeout_ms / 1e3)
+        self.placement: Placement | None = None  # known once the workers run
+        self.batchers: dict[str, Batcher] = {}  # per worker node: its sources' chunks, for its workers only
         self.size = load_processor(config.model).size
         self.sources: dict[str, SourceRun] = {}
         self.finished: dict[str, SourceRun] = {}
@@ -83,9 +86,10 @@ class Job:
         workers_ready = self._start_workers()
         self._control_cursor = self._control_tail()
         try:
+            # A model that fails to load fails here. Decoders wait for the workers' nodes, to start next to them.
+            self._place(ray.get(workers_ready))
             for source in self.config.sources:
-                self.add_source(source)  # decoders fill their buffers while the workers load the model
-            ray.get(workers_ready)  # a model that fails to load fails here
+                self.add_source(source)
             while True:
                 try:
                     if self._step():
@@ -124,9 +128,10 @@ class Job:
                   " skipped", file=sys.stderr)
             return
         start = 0 if state.last_frame_index is None else state.last_frame_index + 1
-        decoder = Decoder.options(num_cpus=self.config.decoder.num_cpus).remote(
-            source, self.size, self.config.decoder, start)
-        self.sources[source.id] = SourceRun(source, decoder, last_index=state.last_frame_index)
+        strategy = self.placement.assign(source.id)
+        decoder = Decoder.options(num_cpus=self.config.decoder.num_cpus, resources=self.config.decoder.resources,
+                                  scheduling_strategy=strategy).remote(source, self.size, self.config.decoder, start)
+        self.sources[source.id] = SourceRun(source, decoder, strategy.node_id, last_index=state.last_frame_index)
 
     def remove_source(self, source_id: str) -> None:
         run = self.sources.get(source_id)
@@ -137,13 +142,19 @@ class Job:
         run.decoder.stop.remote()
 
     def _start_workers(self) -> list[ray.ObjectRef]:
-        """Start the workers; returns refs that resolve once each has loaded the model."""
+        """Start the workers; returns refs to their node ids, which resolve once each has loaded the model."""
         check_model_path(self.config.model)
         w = self.config.workers
-        actor = Worker.options(num_cpus=w.num_cpus, num_gpus=w.num_gpus, max_restarts=w.max_restarts,
-                               max_task_retries=w.max_task_retries)
-        self.workers = [actor.remote(self.config.model, max(1, int(w.num_cpus))) for _ in range(w.count)]
-        return [worker.device.remote() for worker in self.workers]
+        actor = Worker.options(num_cpus=w.num_cpus, num_gpus=w.num_gpus, resources=w.resources,
+                               max_restarts=w.max_restarts, max_task_retries=w.max_task_retries)
+        count = worker_count(len(self.config.sources), w.streams_per_worker, w.count)
+        self.workers = [actor.remote(self.config.model, max(1, int(w.num_cpus))) for _ in range(count)]
+        return [node_of(worker) for worker in self.workers]
+
+    def _place(self, worker_nodes: list[str]) -> None:
+        self.placement = Placement(worker_nodes)
+        self.batchers = {node: Batcher(self.config.batching.max_batch_size, self.config.batching.timeout_ms / 1e3)
+                         for node in self.placement.nodes}
 
     def _shutdown(self) -> None:
         for run in self.sources.values():
@@ -180,10 +191,12 @@ class Job:
 
     def _timeout(self) -> float:
         """Until the next batch is due; while every worker is busy, a finishing batch is what to wait for."""
-        deadline = self.batcher.deadline()
-        if deadline is None or self._free_worker() is None:
+        deadlines = [batcher.deadline() for node, batcher in self.batchers.items()
+                     if self._free_worker(node) is not None]
+        deadlines = [d for d in deadlines if d is not None]
+        if not deadlines:
             return _READ_WAIT_S
-        return min(_READ_WAIT_S, max(0.0, deadline - time.time()))
+        return min(_READ_WAIT_S, max(0.0, min(deadlines) - time.time()))
 
     def _wait(self, timeout: float) -> None:
         reads = {run.read[0]: run for run in self.sources.values() if run.read is not None}
@@ -212,7 +225,7 @@ class Job:
         self._on_drops(run, info.dropped)
         if info.frames:
             chunk = Chunk(run.config.id, len(info.frames), info, frames_ref, time.time())
-            self.batcher.add(chunk)
+            self.batchers[run.home].add(chunk)
             run.pending.append(chunk)
             run.in_flight += chunk.size
             self.metrics.queue_depth(run.config.id, run.in_flight)
@@ -237,21 +250,21 @@ class Job:
             self.sink.event(Event(type="dropped", source_id=run.config.id, details={"total": total}))
 
     def _dispatch(self) -> None:
-        while True:
-            worker = self._free_worker()
-            if worker is None:
-                return
-            batch = self.batcher.next_batch(time.time())
-            if batch is None:
-                return
-            ref = self.workers[worker].infer.remote([c.info for c in batch], *[c.frames for c in batch])
-            self.batches[ref] = (worker, batch)
+        for node, batcher in self.batchers.items():
+            while (worker := self._free_worker(node)) is not None:
+                batch = batcher.next_batch(time.time())
+                if batch is None:
+                    break
+                ref = self.workers[worker].infer.remote([c.info for c in batch], *[c.frames for c in batch])
+                self.batches[ref] = (worker, batch)
 
-    def _free_worker(self) -> int | None:
-        load = [0] * len(self.workers)
+    def _free_worker(self, node: str) -> int | None:
+        """The least busy of the node's workers, unless all of them have their batches in flight."""
+        load = dict.fromkeys(self.placement.workers_on(node), 0)
         for worker, _ in self.batches.values():
-            load[worker] += 1
-        best = min(range(len(load)), key=load.__getitem__)
+            if worker in load:
+                load[worker] += 1
+        best = min(load, key=load.__getitem__)
         return best if load[best] < self.config.batching.batches_in_flight_per_worker else None
 
     def _on_batch(self, ref: ray.ObjectRef) -> None:
@@ -293,6 +306,7 @@ class Job:
             self.sink.write_eos(run.config.id, run.last_index, frames.frames if frames else 0)
             run.status = "eos" if run.status == "running" else run.status
         self.finished[run.config.id] = self.sources.pop(run.config.id)
+        self.placement.release(run.config.id)
         self._release(run)  # a long-running job must not accumulate idle decoder actors
 
     def _fail(self, run: SourceRun, message: str) -> None:
@@ -300,7 +314,7 @@ class Job:
         run.status = "error"
         run.decoder.stop.remote()
         for chunk in run.pending:  # drop what this source still has in the batcher
-            self.batcher.remove(chunk)
+            self.batchers[run.home].remove(chunk)
         run.pending.clear()
         run.read, run.decoded_all, run.in_flight = None, True, 0
         self._finish_if_done(run)
