@@ -89,6 +89,13 @@ class DecoderConfig(_Section):
     reconnect_initial_s: float = Field(1.0, gt=0, description="first reconnect delay; doubles per failure")
     reconnect_max_s: float = Field(30.0, gt=0)
     watchdog_s: float = Field(10.0, gt=0, description="reconnect a live source that yields no frame this long")
+    # Hostile input: the header's frame size is checked before anything is decoded (a 16k x 16k frame is 400 MB
+    # of YUV), and only common camera/file codecs reach FFmpeg (its rarely used decoders are where its CVEs are).
+    max_pixels: int = Field(7680 * 4320, ge=1, description="refuse streams whose frames have more pixels (8K)")
+    allowed_codecs: list[str] = Field(
+        ["h264", "hevc", "mpeg4", "mpeg2video", "mpeg1video", "vp8", "vp9", "av1", "mjpeg"], min_length=1,
+        description="video codecs that are decoded; anything else is refused")
+    max_restarts: int = Field(3, ge=0, description="times a dead decoder actor is recreated (resuming) per source")
 
 
 class WorkersConfig(_Section):
@@ -117,6 +124,11 @@ class RedisConfig(_Section):
     url: str | None = Field(None, description="redis:// or rediss:// URL (None: the embedded local default)")
     prefix: str = Field("cdetr", pattern=r"^[A-Za-z0-9_.-]+$")
     maxlen: int = Field(100_000, ge=1, description="approximate retention per frames stream (MAXLEN ~)")
+    max_result_bytes: int = Field(
+        4 << 20, ge=1024, description="a larger FrameResult is written without detections/panoptic, with `error`")
+    retry_initial_s: float = Field(0.1, gt=0, description="first wait when Redis is unreachable; doubles per try")
+    retry_max_s: float = Field(5.0, gt=0, description="longest wait between tries")
+    retry_timeout_s: float = Field(600.0, gt=0, description="give up (and fail the job) after this long down")
 
     @field_validator("url")
     @classmethod

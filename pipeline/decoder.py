@@ -9,6 +9,11 @@ Backpressure (research note §2.1, Roboflow's WAIT/LAZY vs DROP_OLDEST/EAGER):
 - `drop_oldest`: the buffer drops its oldest frame when full, and `read()` hands out only the newest frames
   (live sources); drops are counted.
 Live sources reconnect with exponential backoff; the PyAV read timeout and a no-frame watchdog catch stalls.
+
+Hostile input: the header's frame size and codec are checked before anything is decoded (`DecoderConfig`
+`max_pixels`, `allowed_codecs`); a packet the decoder rejects (corrupt data mid-file) is skipped and reported as a
+`corrupt` event, and decoding goes on; a file that ends before the frame count its header states (truncated) is
+reported the same way.
 """
 import threading
 import time
@@ -46,6 +51,10 @@ class ChunkInfo:
 
 class StalledError(RuntimeError):
     """A live source delivered no frame for `watchdog_s`."""
+
+
+class RefusedError(ValueError):
+    """The input is well formed but not something we decode (codec, frame size)."""
 
 
 class StreamDecoder:
@@ -107,8 +116,9 @@ class StreamDecoder:
                 with av.open(self.url.target, options=open_options(self.url),
                              timeout=(self.cfg.open_timeout_s, self.cfg.read_timeout_s)) as container:
                     if not container.streams.video:
-                        raise ValueError("no video stream in this input")
+                        raise RefusedError("no video stream in this input")
                     stream = container.streams.video[0]
+                    self._check(stream)
                     self._emit("recovered" if opened_before else "started", details=self._describe(stream))
                     opened_before, failures = True, 0
                     self._decode(container, stream)
@@ -118,7 +128,7 @@ class StreamDecoder:
             except Exception as e:  # PyAV raises many types (FFmpegError, OSError, ValueError); all end here
                 if self._stop.is_set():
                     break
-                if not self.url.live:
+                if not self.url.live or isinstance(e, RefusedError):  # a refused stream will not get better
                     self._emit("error", message=self._explain(e))
                     break
                 failures += 1
@@ -129,6 +139,18 @@ class StreamDecoder:
         with self._cond:
             self._done = True
             self._cond.notify_all()
+
+    def _check(self, stream) -> None:
+        """Refuse, from the header alone, what we will not decode (raised before the first packet is read)."""
+        codec = stream.codec_context.codec.canonical_name
+        if codec not in self.cfg.allowed_codecs:
+            raise RefusedError(f"video codec {codec!r} is not allowed (decoder.allowed_codecs: "
+                               f"{', '.join(self.cfg.allowed_codecs)})")
+        self._check_size(stream.width, stream.height)
+
+    def _check_size(self, width: int, height: int) -> None:
+        if width * height > self.cfg.max_pixels:
+            raise RefusedError(f"frame size {width}x{height} exceeds decoder.max_pixels = {self.cfg.max_pixels}")
 
     def _explain(self, error: Exception) -> str:
         if isinstance(error, av.error.ExitError):
@@ -149,9 +171,23 @@ class StreamDecoder:
             stream.thread_type = "AUTO"  # frame threading: ~5x faster, its extra delay only matters live
         self._next_sample_t = None  # a reconnected live stream restarts its timestamps
         last_frame = time.monotonic()
+        bad = 0  # consecutive packets the decoder rejected
         for packet in container.demux(stream):
             started = time.perf_counter()
-            for frame in packet.decode():
+            try:
+                frames = packet.decode()
+            except av.error.InvalidDataError as e:
+                # Corrupt data: FFmpeg resynchronizes at the next good packet (the next keyframe for
+                # inter frames), so skip this one rather than give up on the whole source.
+                bad += 1
+                if bad == 1:
+                    self._emit("corrupt", message=f"skipping undecodable packets after frame {self._index - 1}: "
+                               f"{e}", details={"after_frame_index": self._index - 1})
+                continue
+            bad = 0
+            for frame in frames:
+                # A stream may change resolution mid-way (live, or a crafted file): the limit holds per frame.
+                self._check_size(frame.width, frame.height)
                 last_frame = time.monotonic()
                 if self._index >= self.start_index and self._sample(frame.time):
                     self._put(self._convert(frame, self._index, started))
@@ -161,6 +197,9 @@ class StreamDecoder:
                     return
             if self.url.live and time.monotonic() - last_frame > self.cfg.watchdog_s:
                 raise StalledError(f"no frame for {self.cfg.watchdog_s:.0f} s")
+        if not self.url.live and stream.frames and self._index < stream.frames:
+            self._emit("corrupt", message=f"the file ended after {self._index} of the {stream.frames} frames its "
+                       f"header states (truncated?)", details={"frames": self._index, "expected": stream.frames})
 
     def _sample(self, t: float | None) -> bool:
         """fps sampling on a fixed time grid, so 25 fps sampled at 10 fps gives 10 frames/s, not 8.3."""

@@ -51,11 +51,12 @@ class FrameResult(BaseModel):
     detections: list[Detection]
     panoptic: Panoptic | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    error: str | None = Field(None, description="set when the result was replaced (e.g. too large): what and why")
 
 
 class Event(BaseModel):
     v: Literal[1] = WIRE_VERSION
-    type: Literal["started", "reconnecting", "recovered", "error", "eos", "dropped"]
+    type: Literal["started", "reconnecting", "recovered", "error", "eos", "dropped", "corrupt"]
     source_id: str | None = None
     at: float = Field(default_factory=time.time, description="unix time of the event")
     message: str = ""

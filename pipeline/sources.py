@@ -42,12 +42,19 @@ def parse_source_url(url: str) -> SourceUrl:
     return SourceUrl(scheme, url)
 
 
+# The protocols FFmpeg may use for each scheme, nested opens included: an HTTP redirect to `file:///etc/passwd`,
+# or a playlist naming `concat:`/`file:` entries, is refused by FFmpeg itself ("not on whitelist").
+PROTOCOL_WHITELIST = {"file": "file", "http": "http,tcp", "https": "https,tls,tcp", "rtsp": "rtsp,rtp,tcp,udp",
+                      "rtsps": "rtsps,rtsp,rtp,tls,tcp,udp", "udp": "udp", "tcp": "tcp"}
+
+
 def open_options(source: SourceUrl) -> dict[str, str]:
     """FFmpeg demuxer/protocol options for one kind of source (passed as `av.open(..., options=...)`)."""
+    options = {"protocol_whitelist": PROTOCOL_WHITELIST[source.scheme]}
     if source.scheme in ("rtsp", "rtsps"):
         # TCP interleaving: UDP RTP loses packets and times out on reconnect (DeepStream select-rtp-protocol=4).
-        return {"rtsp_transport": "tcp"}
-    if source.live:
+        options["rtsp_transport"] = "tcp"
+    elif source.live:
         # Live MPEG-TS: start decoding at once instead of buffering seconds of stream to probe it.
-        return {"fflags": "nobuffer", "analyzeduration": "1000000", "probesize": "500000"}
-    return {}
+        options.update({"fflags": "nobuffer", "analyzeduration": "1000000", "probesize": "500000"})
+    return options

@@ -87,7 +87,8 @@ def test_cdetr_schema_prints_json_schema(capsys):
     assert {"Event", "AddSource", "RemoveSource", "Stop"} <= schema["$defs"].keys()
     assert main(["schema", "event"]) == 0
     event = json.loads(capsys.readouterr().out)
-    assert event["properties"]["type"]["enum"] == ["started", "reconnecting", "recovered", "error", "eos", "dropped"]
+    assert event["properties"]["type"]["enum"] == ["started", "reconnecting", "recovered", "error", "eos", "dropped",
+                                                 "corrupt"]
 
 
 def test_batch_is_sent_when_full():
