@@ -1,0 +1,94 @@
+"""Inference-only speed-ups of a loaded model, each behind one switch of `InferenceOptions`, applied by `optimize`.
+
+    model = optimize(ConditionalDetrForObjectDetection.from_pretrained(path).eval())
+    with torch.inference_mode():
+        outputs = model(pixel_values, pixel_mask)
+
+Defaults are the switches that keep the outputs within 1e-4 of the unoptimized model, were faster on CPU
+(bench/RESULTS.md) and cost nothing up front: batch-norm folding and channels-last. `compile` is faster still but
+off by default: it stalls the first call at every new input shape (batch size, frame size). `optimize` changes the model in place (its backbone state dict loses
+the batch-norm keys), so optimize a model you only run, never one you train or save.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.backbone import ConvEncoder, FrozenBatchNorm2d
+
+BATCH_NORMS = (FrozenBatchNorm2d, nn.BatchNorm2d)
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """fold_batch_norm: fold each backbone batch norm into the convolution before it (exact up to rounding).
+    channels_last: NHWC memory format for the backbone's convolutions (oneDNN / cuDNN's preferred layout).
+    compile: `torch.compile` the backbone (inductor, weights frozen as constants so oneDNN gets them prepacked and
+        fuses conv + bias + ReLU); it compiles again for every new input shape.
+    dtype: autocast dtype (torch.bfloat16 / torch.float16) for the forward; None keeps float32. Not within 1e-4."""
+    fold_batch_norm: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    dtype: torch.dtype | None = None
+
+
+def fold_batch_norm(module: nn.Module) -> int:
+    """Fold every batch norm of `module`'s ResNet backbone into the convolution registered just before it, and
+    replace the batch norm by an identity. Returns the number folded.
+
+    In inference a batch norm is the per-channel affine map y = (x - mean) * s + beta with s = gamma / sqrt(var +
+    eps) (Ioffe & Szegedy 2015, eq. in Alg. 1), so conv followed by it is one conv with weight W * s and bias
+    (b - mean) * s + beta. That saves one full pass over every feature map (53 in a ResNet-50). In torchvision's
+    ResNets each batch norm is registered right after the convolution that feeds it (conv1/bn1, ...,
+    downsample.0/1), which is how the pairs are found.
+    """
+    folded = 0
+    for encoder in (m for m in module.modules() if isinstance(m, ConvEncoder)):
+        for parent in list(encoder.modules()):
+            children = list(parent.named_children())
+            for (conv_name, conv), (norm_name, norm) in zip(children, children[1:]):
+                if isinstance(conv, nn.Conv2d) and isinstance(norm, BATCH_NORMS):
+                    _fold_into(conv, norm)
+                    setattr(parent, norm_name, nn.Identity())
+                    folded += 1
+    return folded
+
+
+@torch.no_grad()
+def _fold_into(conv: nn.Conv2d, norm: nn.Module) -> None:
+    if isinstance(norm, nn.BatchNorm2d) and norm.training:
+        raise ValueError("batch norm in training mode uses batch statistics and cannot be folded: call .eval()")
+    # float64 so the folded weights round once, not twice.
+    scale = norm.weight.double() / (norm.running_var.double() + norm.eps).sqrt()
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+    conv.weight.copy_((conv.weight.double() * scale[:, None, None, None]).to(conv.weight.dtype))
+    folded_bias = (bias - norm.running_mean.double()) * scale + norm.bias.double()
+    conv.bias = nn.Parameter(folded_bias.to(conv.weight.dtype), requires_grad=False)
+
+
+def optimize(model: nn.Module, options: InferenceOptions = InferenceOptions()) -> nn.Module:
+    """Apply `options` to an object-detection or segmentation model in place; returns it, in eval mode."""
+    model.eval().requires_grad_(False)
+    if options.fold_batch_norm:
+        fold_batch_norm(model)
+    encoders = [m for m in model.modules() if isinstance(m, ConvEncoder)]
+    if options.channels_last:
+        for encoder in encoders:
+            encoder.to(memory_format=torch.channels_last)
+            # The weights alone are not enough: a contiguous NCHW input makes the first conv's output NCHW again.
+            encoder.register_forward_pre_hook(_inputs_to_channels_last)
+    if options.compile:
+        for encoder in encoders:
+            # Freezing needs the weights constant, which `requires_grad_(False)` above and inference mode give.
+            encoder.compile(dynamic=False, options={"freezing": True})
+    if options.dtype is not None:
+        device_type = next(model.parameters()).device.type
+        model.forward = torch.autocast(device_type, dtype=options.dtype)(model.forward)
+    return model
+
+
+def _inputs_to_channels_last(module: nn.Module, inputs: tuple) -> tuple:
+    pixel_values, *rest = inputs
+    return (pixel_values.contiguous(memory_format=torch.channels_last), *rest)
