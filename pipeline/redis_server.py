@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_HOST = "127.0.0.1"
@@ -22,15 +23,17 @@ def is_listening(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def start_redis_server(port: int, workdir: Path, daemonize: bool = False) -> subprocess.Popen:
-    """Start `redis-server` on 127.0.0.1:`port` and wait until it accepts connections."""
+def start_redis_server(port: int, workdir: Path, daemonize: bool = False, extra: Sequence[str] = ()
+                       ) -> subprocess.Popen:
+    """Start `redis-server` on 127.0.0.1:`port` and wait until it accepts connections; `extra` options override
+    the defaults (e.g. `--appendonly yes`, or `--port 0 --tls-port <port> ...` to accept TLS only)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server, or `make system-deps`)")
     workdir.mkdir(parents=True, exist_ok=True)
     command = [binary, "--port", str(port), "--bind", DEFAULT_HOST, "--save", "", "--appendonly", "no",
                "--dir", str(workdir), "--logfile", str(workdir / "redis.log"),
-               "--daemonize", "yes" if daemonize else "no"]
+               "--daemonize", "yes" if daemonize else "no", *extra]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while not is_listening(DEFAULT_HOST, port):

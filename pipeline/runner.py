@@ -23,6 +23,7 @@ from pathlib import Path
 
 import ray
 from pydantic import ValidationError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from pipeline.batcher import Batcher, Chunk
@@ -54,6 +55,8 @@ class SourceRun:
     decoded_all: bool = False
     status: str = "running"  # running, then eos | error | removed | stopped
     last_index: int | None = None
+    next_index: int = 0  # after the last frame read from the decoder: where a recreated decoder resumes
+    restarts: int = 0  # decoder actors recreated after dying
     last_drop_event: float = 0.0
     progress: tqdm | None = None
 
@@ -84,7 +87,7 @@ class Job:
     def run(self) -> dict[str, dict]:
         """Process until every source has ended (or a stop); returns the per-source summary."""
         workers_ready = self._start_workers()
-        self._control_cursor = self._control_tail()
+        self._control_cursor = self.sink.control_tail()
         try:
             # A model that fails to load fails here. Decoders wait for the workers' nodes, to start next to them.
             self._place(ray.get(workers_ready))
@@ -129,9 +132,13 @@ class Job:
             return
         start = 0 if state.last_frame_index is None else state.last_frame_index + 1
         strategy = self.placement.assign(source.id)
-        decoder = Decoder.options(num_cpus=self.config.decoder.num_cpus, resources=self.config.decoder.resources,
-                                  scheduling_strategy=strategy).remote(source, self.size, self.config.decoder, start)
-        self.sources[source.id] = SourceRun(source, decoder, strategy.node_id, last_index=state.last_frame_index)
+        self.sources[source.id] = SourceRun(source, self._decoder(source, start, strategy), strategy.node_id,
+                                            last_index=state.last_frame_index, next_index=start)
+
+    def _decoder(self, source: SourceConfig, start: int,
+                 strategy: NodeAffinitySchedulingStrategy) -> ray.actor.ActorHandle:
+        return Decoder.options(num_cpus=self.config.decoder.num_cpus, resources=self.config.decoder.resources,
+                               scheduling_strategy=strategy).remote(source, self.size, self.config.decoder, start)
 
     def remove_source(self, source_id: str) -> None:
         run = self.sources.get(source_id)
@@ -217,13 +224,17 @@ class Job:
         run.read = None
         try:
             info: ChunkInfo = ray.get(info_ref)
+        except ray.exceptions.RayActorError as e:
+            self._restart_decoder(run, e)
+            return
         except ray.exceptions.RayError as e:
-            self._fail(run, f"decoder died: {e}")
+            self._fail(run, f"decoder failed: {e}")
             return
         for event in info.events:
             self._on_decoder_event(run, event)
         self._on_drops(run, info.dropped)
         if info.frames:
+            run.next_index = info.frames[-1].frame_index + 1
             chunk = Chunk(run.config.id, len(info.frames), info, frames_ref, time.time())
             self.batchers[run.home].add(chunk)
             run.pending.append(chunk)
@@ -233,12 +244,25 @@ class Job:
             run.decoded_all = True
             self._finish_if_done(run)
 
+    def _restart_decoder(self, run: SourceRun, error: Exception) -> None:
+        """A dead decoder is recreated at `next_index`: the frames before it were read and are on their way to
+        Redis, what the dead one had buffered is decoded again, so every frame is written once, with no gap."""
+        if run.restarts >= self.config.decoder.max_restarts:
+            self._fail(run, f"decoder died {run.restarts + 1} times (decoder.max_restarts = "
+                            f"{self.config.decoder.max_restarts}); last: {type(error).__name__}")
+            return
+        run.restarts += 1
+        strategy = NodeAffinitySchedulingStrategy(run.home, soft=True)  # its home, as Placement.assign chose
+        run.decoder = self._decoder(run.config, run.next_index, strategy)
+        self.sink.event(Event(type="recovered", source_id=run.config.id, message="decoder actor died; recreated",
+                              details={"restarts": run.restarts, "start_index": run.next_index}))
+
     def _on_decoder_event(self, run: SourceRun, event: Event) -> None:
         self.sink.event(event)
         if event.type == "error":
             run.status = "error"
             print(f"cdetr: {run.config.id}: {event.message}", file=sys.stderr)
-        elif event.type == "started" and self.show_progress and not run.config.live:
+        elif event.type == "started" and self.show_progress and not run.config.live and run.progress is None:
             run.progress = tqdm(total=_expected_frames(run.config, event.details), desc=run.config.id,
                                 unit="frame")
 
@@ -321,21 +345,14 @@ class Job:
 
     # --- control stream ---
 
-    def _control_tail(self) -> str:
-        """Only messages sent after the job started count."""
-        last = self.sink.client.xrevrange(self.sink.control_key, count=1)
-        return last[0][0] if last else "0-0"
-
     def _poll_control(self) -> None:
         now = time.monotonic()
         if now < self._next_control_poll:
             return
         self._next_control_poll = now + _CONTROL_POLL_S
-        reply = self.sink.client.xread({self.sink.control_key: self._control_cursor}, count=100)
-        for _, entries in reply:
-            for entry_id, fields in entries:
-                self._control_cursor = entry_id
-                self._on_control(fields.get("json", ""))
+        for entry_id, fields in self.sink.read_control(self._control_cursor):
+            self._control_cursor = entry_id
+            self._on_control(fields.get("json", ""))
 
     def _on_control(self, raw: str) -> None:
         try:
@@ -362,7 +379,7 @@ def _expected_frames(source: SourceConfig, details: dict) -> int | None:
 
 def run_job(config: PipelineConfig, progress: bool = False) -> dict[str, dict]:
     """Connect to (or start) Redis and Ray, run the job, return the per-source summary."""
-    sink = RedisSink(connect(resolve_redis_url(config.redis.url)), config.redis.prefix, config.redis.maxlen)
+    sink = RedisSink.from_config(connect(resolve_redis_url(config.redis.url)), config.redis)
     if not ray.is_initialized():
         if config.ray_address is None:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster needs no tokens
