@@ -6,8 +6,9 @@
 
 Defaults are the switches that keep the outputs within 1e-4 of the unoptimized model, were faster on CPU
 (bench/RESULTS.md) and cost nothing up front: batch-norm folding and channels-last. `compile` is faster still but
-off by default: it stalls the first call at every new input shape (batch size, frame size). `optimize` changes the model in place (its backbone state dict loses
-the batch-norm keys), so optimize a model you only run, never one you train or save.
+off by default: it stalls the first call at every new input shape (batch size, frame size). `optimize` changes the
+model in place (its backbone state dict loses the batch-norm keys), so optimize a model you only run, never one you
+train or save.
 """
 from __future__ import annotations
 

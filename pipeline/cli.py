@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "schema": ("pipeline.schema", "print the JSON Schema of the Redis wire format"),
     "train": ("model.train", "train Conditional DETR on a COCO-format (shapes) dataset"),
     "eval": ("model.evaluate", "bbox/segm AP and panoptic quality of a model on a COCO-format dataset"),
+    "bench": ("pipeline.bench_command", "run a benchmark script from bench/ (prints JSON)"),
 }
 
 
