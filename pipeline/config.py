@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Mapping
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.sources import parse_source_url
+from pipeline.sources import parse_source_url, redact
 
 ENV_PREFIX = "CDETR_"
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "model" / "weights" / "shapes-tiny"
@@ -175,7 +175,7 @@ def validate_config(data: Mapping[str, Any]) -> PipelineConfig:
 
 def _describe(err: Mapping[str, Any]) -> str:
     field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    return f"  {field}: {err['msg']} (got {err.get('input')!r})"
+    return redact(f"  {field}: {err['msg']} (got {err.get('input')!r})")  # a bad URL may hold a password
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import numpy as np
 from model.image_processor import get_resize_output_size
 from pipeline.config import DecoderConfig, SourceConfig
 from pipeline.schema import Event
-from pipeline.sources import open_options, parse_source_url
+from pipeline.sources import open_options, parse_source_url, redact
 
 
 @dataclass
@@ -232,5 +232,8 @@ class StreamDecoder:
 
     def _emit(self, type_: str, message: str = "", details: dict | None = None) -> None:
         with self._cond:
-            self._events.append(Event(type=type_, source_id=self.source.id, message=message, details=details or {}))
+            # Camera URLs often carry a password, and FFmpeg's errors quote the URL.
+            details = {k: redact(v) if isinstance(v, str) else v for k, v in (details or {}).items()}
+            self._events.append(Event(type=type_, source_id=self.source.id, message=redact(message),
+                                      details=details))
             self._cond.notify_all()

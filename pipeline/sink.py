@@ -26,6 +26,7 @@ import redis
 
 from pipeline.config import RedisConfig
 from pipeline.schema import Event, FrameResult
+from pipeline.sources import redact
 
 _ID_TOO_SMALL = "equal or smaller"
 T = TypeVar("T")
@@ -197,16 +198,8 @@ def connect(url: str) -> redis.Redis:
             client.ping()
             return client
         except (redis.AuthenticationError, redis.ResponseError) as e:
-            raise ConnectionError(f"Redis at {_redact(url)} refused us: {e}") from None
+            raise ConnectionError(f"Redis at {redact(url)} refused us: {e}") from None
         except redis.ConnectionError as e:
             if time.monotonic() > deadline:
-                raise ConnectionError(f"cannot reach Redis at {_redact(url)}: {e}") from None
+                raise ConnectionError(f"cannot reach Redis at {redact(url)}: {e}") from None
             time.sleep(0.2)
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    if "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"

@@ -3,6 +3,7 @@
 Only the schemes below reach FFmpeg. FFmpeg itself understands many more protocols (`concat:`, `subfile:`,
 `data:`, `pipe:` ...), some of which read arbitrary local files or run devices, so the allow-list is the guard.
 """
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -12,6 +13,7 @@ from urllib.parse import urlsplit
 FILE_SCHEMES = ("file", "http", "https")
 LIVE_SCHEMES = ("rtsp", "rtsps", "udp", "tcp")
 ALLOWED_SCHEMES = FILE_SCHEMES + LIVE_SCHEMES
+_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,12 @@ def parse_source_url(url: str) -> SourceUrl:
 # or a playlist naming `concat:`/`file:` entries, is refused by FFmpeg itself ("not on whitelist").
 PROTOCOL_WHITELIST = {"file": "file", "http": "http,tcp", "https": "https,tls,tcp", "rtsp": "rtsp,rtp,tcp,udp",
                       "rtsps": "rtsps,rtsp,rtp,tls,tcp,udp", "udp": "udp", "tcp": "tcp"}
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of every URL in it replaced by `***` (rtsp://user:pass@cam → rtsp://***@cam).
+    Everything that reaches a message, an event or a log goes through this: FFmpeg quotes URLs in its errors."""
+    return _CREDENTIALS.sub("***@", text)
 
 
 def open_options(source: SourceUrl) -> dict[str, str]:
