@@ -1,7 +1,8 @@
-"""`model.inference.optimize`: every switch that keeps accuracy gives the unoptimized model's outputs within 1e-4.
+"""`model.inference.optimize`: every switch that is on by default gives the unoptimized model's outputs within 1e-4.
 
-The weights (ResNet-50, randomized frozen batch-norm buffers, so a wrong fold shows) are saved by `transformers`
-and loaded into ours; the input is a padded batch of two sizes. Speed is measured in bench/bench_model.py.
+The weights (randomized frozen batch-norm buffers, so a wrong fold shows) are saved by `transformers` and loaded
+into ours; the input is a padded batch of two sizes. `compile` and `dtype` (off by default) are checked by the
+benchmark's logit differences only: compiling a model takes minutes on the test machine. Speed is measured in bench/bench_model.py.
 """
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import copy
 
 import pytest
 import torch
+from transformers import ConditionalDetrConfig as HFConfig
+from transformers import ConditionalDetrForSegmentation as HFSegmentation
 
-from hf_reference import make_hf_detector, padded_batch, save_hf_v4
+from hf_reference import SMALL, make_hf_detector, padded_batch, randomize_, save_hf_v4
 from model.backbone import ConvEncoder, FrozenBatchNorm2d
 from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig
 from model.inference import InferenceOptions, fold_batch_norm, optimize
+from model.segmentation import ConditionalDetrForSegmentation
 
 TOLERANCE = 1e-4
 
@@ -55,3 +59,17 @@ def test_fold_refuses_a_training_batch_norm():
     encoder = ConvEncoder(ConditionalDetrConfig(backbone="resnet18", frozen_batch_norm=False)).train()
     with pytest.raises(ValueError, match="training mode"):
         fold_batch_norm(encoder)
+
+
+def test_optimized_segmentation_model_matches_unoptimized(tmp_path):
+    # The mask head reads the stride 4-16 backbone maps (FPN), which the fold and channels-last both touch.
+    torch.manual_seed(1)
+    reference = HFSegmentation(HFConfig(**{**SMALL, "backbone": "resnet18", "d_model": 128})).eval()
+    randomize_(reference, seed=1)
+    model = ConditionalDetrForSegmentation.from_pretrained(save_hf_v4(reference, tmp_path)).eval()
+    batch = padded_batch()
+    with torch.inference_mode():
+        expected = model(*batch)
+        out = optimize(copy.deepcopy(model))(*batch)
+    torch.testing.assert_close(out.logits, expected.logits, atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(out.pred_masks, expected.pred_masks, atol=TOLERANCE, rtol=0)
