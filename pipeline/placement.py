@@ -3,8 +3,10 @@
 Ray places the detector workers (by `workers.num_gpus` and `workers.resources`); once they run, their nodes are
 known. Each source then gets a home node, the worker node with the fewest sources per worker:
 - its decoder is created there with a soft `NodeAffinitySchedulingStrategy`, so its model-size frames go through
-  that node's shared-memory object store instead of the network. Soft: when the node has no room for one more
-  decoder (CPU or `decoder.resources`), Ray places it elsewhere and the frames cross the network, still correct;
+  that node's shared-memory object store instead of the network. When the node has no room for one more decoder
+  (CPU or `decoder.resources`) or is gone, Ray places it elsewhere and the frames cross the network, still
+  correct. Soft alone covers only a node that is gone or can never fit a decoder: a node that is merely full would
+  make the decoder wait until another source ends (Ray's docstring), hence also `_spill_on_unavailable`;
 - its chunks are batched with the other sources of that node only and sent only to that node's workers (the
   runner keeps one Batcher per home node).
 Homes are fixed when a source starts: a worker that Ray restarts on another node keeps serving the same sources.
@@ -56,7 +58,11 @@ class Placement:
             return sum(home == node for home in self.homes.values()) / len(self.workers_on(node))
 
         self.homes[source_id] = min(self.nodes, key=load)
-        return NodeAffinitySchedulingStrategy(self.homes[source_id], soft=True)
+        return self.strategy(source_id)
+
+    def strategy(self, source_id: str) -> NodeAffinitySchedulingStrategy:
+        """Where to create the source's decoder (again, after one died): its home node if it has room."""
+        return NodeAffinitySchedulingStrategy(self.homes[source_id], soft=True, _spill_on_unavailable=True)
 
     def release(self, source_id: str) -> None:
         self.homes.pop(source_id, None)

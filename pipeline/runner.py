@@ -252,8 +252,7 @@ class Job:
                             f"{self.config.decoder.max_restarts}); last: {type(error).__name__}")
             return
         run.restarts += 1
-        strategy = NodeAffinitySchedulingStrategy(run.home, soft=True)  # its home, as Placement.assign chose
-        run.decoder = self._decoder(run.config, run.next_index, strategy)
+        run.decoder = self._decoder(run.config, run.next_index, self.placement.strategy(run.config.id))
         self.sink.event(Event(type="recovered", source_id=run.config.id, message="decoder actor died; recreated",
                               details={"restarts": run.restarts, "start_index": run.next_index}))
 
