@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+import redis
 from pydantic import ValidationError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
@@ -411,7 +412,13 @@ def run(args: argparse.Namespace) -> int:
     if not config.sources and not config.keep_running:
         print("cdetr run: no sources (give SOURCE arguments or `sources` in --config)", file=sys.stderr)
         return 2
-    summary = run_job(config, progress=True)
+    try:
+        summary = run_job(config, progress=True)
+    except (ConnectionError, redis.exceptions.NoPermissionError) as e:
+        # Redis unreachable (past redis.retry_timeout_s), refusing our password, or an ACL without our keys: the
+        # messages name the problem and never the password.
+        print(f"cdetr run: {e}", file=sys.stderr)
+        return 1
     print_summary(summary)
     return 0 if all(s["status"] in ("eos", "removed") for s in summary.values()) else 1
 

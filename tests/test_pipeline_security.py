@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from conftest import encode_video, free_port
+from pipeline.cli import main
 from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.redis_server import start_redis_server
 from pipeline.runner import Job
@@ -174,3 +175,11 @@ def test_credentials_are_redacted_from_messages():
     with pytest.raises(ConfigError) as error:
         load_config(env={}, overrides={"redis": {"url": f"http://user:{PASSWORD}@redis:6379"}})
     assert PASSWORD not in str(error.value) and "http://***@redis" in str(error.value)
+
+
+def test_cdetr_run_with_a_wrong_password_says_so_without_it(tmp_path, secure_redis, tiny_model, capsys):
+    video = encode_video(tmp_path / "v.mp4", 2, (64, 48))
+    wrong = secure_redis["url"].replace(PASSWORD, "not-the-pw-41d2")
+    assert main(["run", str(video), "--model", str(tiny_model), "--redis-url", wrong]) == 1
+    out = capsys.readouterr()
+    assert "refused us" in out.err and "not-the-pw-41d2" not in out.out + out.err
