@@ -1,4 +1,4 @@
-"""CPU per stream of one StreamDecoder on 1080p30 H.264: the sizing input for decoder nodes (deploy/README.md).
+"""CPU per stream of one StreamDecoder on 1080p30 (or `--size 720p`) H.264: the sizing input for decoder nodes (deploy/README.md).
 
 Compared in one run, on the same file:
   baseline  PyAV decoding the file with the decoder's threading and no conversion
@@ -11,7 +11,7 @@ The clip is a moving random texture with per-frame noise, encoded at about 8 Mbi
 than the shapes video: flat colours decode much faster than camera footage, and sizing should err on the
 expensive side.
 
-    python bench/bench_decoder.py [--seconds 6] [--repeats 3]
+    python bench/bench_decoder.py [--seconds 6] [--repeats 3] [--size 1080p|720p]
 """
 import argparse
 import json
@@ -26,7 +26,8 @@ import numpy as np
 from pipeline.config import DecoderConfig, SourceConfig
 from pipeline.decoder import StreamDecoder
 
-WIDTH, HEIGHT, FPS = 1920, 1080, 30
+SIZES = {"1080p": (1920, 1080), "720p": (1280, 720)}  # width, height
+FPS = 30
 MODEL_SIZE = {"shortest_edge": 800, "longest_edge": 1333}  # the processor's default: 1080p becomes 750x1333
 
 
@@ -35,12 +36,15 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def write_clip(path: Path, seconds: int) -> None:
+def write_clip(path: Path, seconds: int, size: tuple[int, int]) -> None:
+    width, height = size
     rng = np.random.default_rng(0)
-    texture = rng.integers(0, 256, (HEIGHT // 8, WIDTH // 8, 3), dtype=np.int16).repeat(8, axis=0).repeat(8, axis=1)
+    texture = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.int16).repeat(8, axis=0).repeat(8, axis=1)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=FPS, options={"preset": "veryfast"})
-        stream.width, stream.height, stream.pix_fmt, stream.bit_rate = WIDTH, HEIGHT, "yuv420p", 8_000_000
+        # 8 Mbit/s at 1080p, scaled by the pixel count (a 720p camera: about 3.6 Mbit/s).
+        bit_rate = 8_000_000 * width * height // (1920 * 1080)
+        stream.width, stream.height, stream.pix_fmt, stream.bit_rate = width, height, "yuv420p", bit_rate
         for i in range(seconds * FPS):
             # Motion the encoder can predict, plus sensor-like noise it cannot: camera-like bitrate.
             image = np.roll(texture, 6 * i, axis=1) + rng.integers(-8, 9, texture.shape, dtype=np.int16)
@@ -73,22 +77,24 @@ def cores_per_stream(function, path: Path, repeats: int) -> dict:
         start = cpu_seconds()
         frames = function(path)
         best = min(best, cpu_seconds() - start)
-    return {"frames": frames, "cpu_s": round(best, 3), "cores_per_stream": round(best / (frames / FPS), 3)}
+    return {"frames": frames, "cpu_s": round(best, 3), "cores_per_stream": round(best / (frames / FPS), 3),
+            "frames_per_core_s": round(frames / best, 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", choices=list(SIZES), default="1080p")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "clip.mp4"
-        write_clip(path, args.seconds)
+        write_clip(path, args.seconds, SIZES[args.size])
         mbit_per_s = path.stat().st_size * 8 / 1e6 / args.seconds
         baseline = cores_per_stream(decode_only, path, args.repeats)
         decoder = cores_per_stream(stream_decoder, path, args.repeats)
     print(json.dumps({
-        "bench": "decoder_cpu", "video": f"{WIDTH}x{HEIGHT}@{FPS} H.264, {args.seconds} s, {mbit_per_s:.1f} Mbit/s",
+        "bench": "decoder_cpu", "video": f"{args.size}{FPS} H.264, {args.seconds} s, {mbit_per_s:.1f} Mbit/s",
         "model_size": "750x1333", "cpu": platform.processor() or platform.machine(), "pyav": av.__version__,
         "baseline": baseline, "decoder": decoder,
         "ratio_vs_baseline": round(decoder["cpu_s"] / baseline["cpu_s"], 2),

@@ -1,15 +1,25 @@
-"""Forward time of Conditional DETR-R50 (default config: 6+6 layers, 300 queries, 91 labels), ours vs
-`transformers`, on the same random weights, at 1x3x800x1066 fp32. Prints one JSON object.
+"""Conditional DETR-R50 (default config: 6+6 layers, 300 queries, 91 labels), ours vs `transformers` on the same
+random weights, fp32. Prints one JSON object. Two modes:
 
-    .venv/bin/python bench/bench_model.py [--repeats 3] [--device cpu] [--threads N] [--height 800 --width 1066]
+  forward (default)  model forward on a 1x3x800x1066 tensor (`--height`, `--width`)
+  --end-to-end       1280x720 uint8 RGB frames -> preprocess -> forward -> post-process (boxes in frame pixels),
+                     at batch 1 and 4 (`--batch-sizes`): ours = `preprocess_frames` + model +
+                     `post_process_object_detection`; transformers = its default (torchvision) processor on uint8
+                     CHW tensors + model + its post-processing
 
-`transformers` is the baseline measured in the same run (its default SDPA attention and its eager attention);
-each ratio = best HF time / our time (> 1: we are faster), for wall time and for process CPU time. The logits are
-compared too, so both sides compute the same thing.
+    .venv/bin/python bench/bench_model.py [--end-to-end] [--repeats 3] [--threads 1] [--compile]
+                                          [--autocast bfloat16] [--device cpu]
+
+Our model runs in the variants of `model.inference.optimize` (VARIANTS; `--compile` and `--autocast` add one
+each), so every switch is measured against the same baseline. `transformers` is measured with its default SDPA
+attention (and, in forward mode, its eager attention). Each ratio = best transformers time / our time (> 1: we are
+faster), for wall time and for process CPU time; on a shared machine the CPU time with `--threads 1` is the clean
+measure (waiting for a core counts in wall time only). The logits are compared, so all compute the same thing.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -17,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,84 +35,166 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import ConditionalDetrConfig as HFConfig  # noqa: E402
 from transformers import ConditionalDetrForObjectDetection as HFDetection  # noqa: E402
+from transformers import ConditionalDetrImageProcessor as HFProcessor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_preprocess import HEIGHT, WIDTH, frames  # noqa: E402
 from model.conditional_detr import ConditionalDetrForObjectDetection  # noqa: E402
+from model.image_processor import ConditionalDetrImageProcessor  # noqa: E402
+from model.inference import InferenceOptions, optimize  # noqa: E402
+
+VARIANTS = {
+    "ours": InferenceOptions(fold_batch_norm=False, channels_last=False),
+    "ours_fold_bn": InferenceOptions(fold_batch_norm=True, channels_last=False),
+    "ours_fold_bn_channels_last": InferenceOptions(fold_batch_norm=True, channels_last=True),  # the default
+}
 
 
-def timed_forward(model: torch.nn.Module, inputs: dict, device: torch.device) -> tuple[float, float]:
-    """(wall ms, process CPU ms) of one forward. On a shared CPU the process CPU time (all threads) is the steadier
-    measure of work done: waiting for a core counts in wall time only."""
+def timed(function: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall ms, process CPU ms) of one call."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
-    model(**inputs)
+    function()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - wall) * 1000, (time.process_time() - cpu) * 1000
 
 
-def best_times(models: dict[str, torch.nn.Module], inputs: dict, repeats: int, device: torch.device
+def best_times(functions: dict[str, Callable[[], object]], repeats: int, device: torch.device
                ) -> dict[str, dict[str, float]]:
-    """Best wall and CPU time of `repeats` forwards per model after one warm-up each. The models take turns within
-    every round, so load from other processes on a shared machine hits all of them alike."""
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+    """Best wall and CPU time of `repeats` calls per function after one warm-up each. The functions take turns
+    within every round, so load from other processes on a shared machine hits all of them alike."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in functions}
     with torch.inference_mode():
         for round_index in range(repeats + 1):
-            for name, model in models.items():
-                elapsed = timed_forward(model, inputs, device)
+            for name, function in functions.items():
+                elapsed = timed(function, device)
                 if round_index:
                     times[name].append(elapsed)
     return {name: {"wall_ms": round(min(w for w, _ in values), 1), "cpu_ms": round(min(c for _, c in values), 1)}
             for name, values in times.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--height", type=int, default=800)
-    parser.add_argument("--width", type=int, default=1066)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); with 1 thread "
-                        "the CPU time is a clean measure of work even on a busy machine")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+def ratios(results: dict[str, dict[str, float]], baselines: list[str]) -> dict[str, dict[str, float]]:
+    """Each of our entries' ratio to the best baseline, for wall and CPU time."""
+    return {name: {kind: round(min(results[b][kind] for b in baselines) / results[name][kind], 3)
+                   for kind in ("wall_ms", "cpu_ms")}
+            for name in results if name.startswith("ours")}
 
+
+def variant_options(args: argparse.Namespace) -> dict[str, InferenceOptions]:
+    variants = dict(VARIANTS)
+    if args.compile:
+        variants["ours_compiled"] = InferenceOptions(compile=True)
+    if args.autocast:
+        variants[f"ours_autocast_{args.autocast}"] = InferenceOptions(dtype=getattr(torch, args.autocast))
+    return variants
+
+
+def build_models(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, torch.nn.Module], HFDetection,
+                                                                           HFDetection]:
+    """Our variants and transformers (SDPA, eager), all with the same random R50 weights."""
     torch.manual_seed(0)
     hf = HFDetection(HFConfig(num_labels=91, use_pretrained_backbone=False)).eval()
     with tempfile.TemporaryDirectory() as directory:
         hf.save_pretrained(directory)
-        ours = ConditionalDetrForObjectDetection.from_pretrained(directory).to(device)
+        loaded = ConditionalDetrForObjectDetection.from_pretrained(directory).to(device)
         hf_eager = HFDetection.from_pretrained(directory, attn_implementation="eager").eval().to(device)
-    hf = hf.to(device)
+    ours = {name: optimize(copy.deepcopy(loaded), options) for name, options in variant_options(args).items()}
+    return ours, hf.to(device), hf_eager
 
-    pixel_values = torch.randn(1, 3, args.height, args.width, device=device)
-    pixel_mask = torch.ones(1, args.height, args.width, dtype=torch.int64, device=device)
-    inputs = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
+
+def max_logit_diffs(ours: dict[str, torch.nn.Module], hf: HFDetection, inputs: dict) -> dict[str, float]:
     with torch.inference_mode():
-        max_diff = (ours(**inputs).logits - hf(**inputs).logits).abs().max().item()
+        expected = hf(**inputs).logits
+        return {name: (model(**inputs).logits.float() - expected).abs().max().item() for name, model in ours.items()}
 
-    models = {"ours": ours, "transformers_sdpa": hf, "transformers_eager": hf_eager}
-    results = best_times(models, inputs, args.repeats, device)
-    ratios = {f"ratio_{kind}_vs_best_transformers": round(
-        min(results["transformers_sdpa"][kind], results["transformers_eager"][kind]) / results["ours"][kind], 3)
-        for kind in ("wall_ms", "cpu_ms")}
+
+def forward_benchmark(args: argparse.Namespace, device: torch.device) -> dict:
+    ours, hf, hf_eager = build_models(args, device)
+    inputs = {"pixel_values": torch.randn(1, 3, args.height, args.width, device=device),
+              "pixel_mask": torch.ones(1, args.height, args.width, dtype=torch.int64, device=device)}
+    diffs = max_logit_diffs(ours, hf, inputs)
+    models = {**ours, "transformers_sdpa": hf, "transformers_eager": hf_eager}
+    results = best_times({name: (lambda m=m: m(**inputs)) for name, m in models.items()}, args.repeats, device)
+    return {"benchmark": "conditional_detr_r50_forward", "input": [1, 3, args.height, args.width], **results,
+            "ratio_vs_best_transformers": ratios(results, ["transformers_sdpa", "transformers_eager"]),
+            "max_abs_logit_diff_vs_transformers": diffs}
+
+
+def end_to_end_benchmark(args: argparse.Namespace, device: torch.device) -> dict:
+    ours, hf, _ = build_models(args, device)
+    processor, hf_processor = ConditionalDetrImageProcessor(), HFProcessor()
+    report = {"benchmark": "conditional_detr_r50_end_to_end", "input": f"{WIDTH}x{HEIGHT} uint8 RGB frames",
+              "steps": "preprocess (resize to 750x1333, normalize, pad) + forward + post_process_object_detection"}
+    for batch_size in args.batch_sizes:
+        images = frames(batch_size, HEIGHT, WIDTH)
+        batch = torch.from_numpy(images).to(device)  # (B, H, W, 3), as the pipeline's workers receive frames
+        chw = [frame.permute(2, 0, 1).contiguous() for frame in batch]  # the HF processor's fastest input
+        sizes = [(HEIGHT, WIDTH)] * batch_size
+
+        def run_ours(model: torch.nn.Module) -> list[dict]:
+            inputs = processor.preprocess_frames(batch)
+            outputs = model(inputs["pixel_values"], inputs["pixel_mask"])
+            return processor.post_process_object_detection(outputs, threshold=0.5, target_sizes=sizes)
+
+        def run_transformers() -> list[dict]:
+            inputs = hf_processor(chw, return_tensors="pt").to(device)
+            outputs = hf(**inputs)
+            return hf_processor.post_process_object_detection(outputs, threshold=0.5, target_sizes=sizes)
+
+        functions = {name: (lambda m=m: run_ours(m)) for name, m in ours.items()}
+        functions["transformers"] = run_transformers
+        results = best_times(functions, args.repeats, device)
+        per_second = {name: round(batch_size * 1000 / value["wall_ms"], 3) for name, value in results.items()}
+        per_cpu_second = {name: round(batch_size * 1000 / value["cpu_ms"], 3) for name, value in results.items()}
+        report[f"batch_{batch_size}"] = {
+            **results, "images_per_s": per_second, "images_per_cpu_s": per_cpu_second,
+            "ratio_vs_transformers": ratios(results, ["transformers"]),
+            # Same pixel values for all (the processors' outputs differ by PIL-vs-torch rounding, not the models).
+            "max_abs_logit_diff_vs_transformers": max_logit_diffs(
+                ours, hf, dict(hf_processor(chw, return_tensors="pt").to(device)))}
+    return report
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--end-to-end", action="store_true", help="frames -> detections instead of the forward")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4], help="end-to-end batch sizes")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--height", type=int, default=800, help="forward mode input height")
+    parser.add_argument("--width", type=int, default=1066, help="forward mode input width")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); with 1 thread "
+                        "the CPU time is a clean measure of work even on a busy machine")
+    parser.add_argument("--compile", action="store_true", help="also measure optimize(compile=True); the first "
+                        "call compiles (minutes on a small CPU), the warm-up round absorbs it")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="also measure optimize(dtype=...)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    report = end_to_end_benchmark(args, device) if args.end_to_end else forward_benchmark(args, device)
     print(json.dumps({
-        "benchmark": "conditional_detr_r50_forward",
-        "input": [1, 3, args.height, args.width],
+        **report,
         "dtype": "float32",
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "repeats": args.repeats,
-        **results,
-        **ratios,
-        "max_abs_logit_diff": max_diff,
+        "variants": {name: repr(options) for name, options in variant_options(args).items()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "loadavg_1min_at_end": os.getloadavg()[0]},
+        "machine": {"platform": platform.platform(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "loadavg_1min_at_end": os.getloadavg()[0]},
     }, indent=2))
 
 

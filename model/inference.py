@@ -81,9 +81,12 @@ def optimize(model: nn.Module, options: InferenceOptions = InferenceOptions()) -
             # The weights alone are not enough: a contiguous NCHW input makes the first conv's output NCHW again.
             encoder.register_forward_pre_hook(_inputs_to_channels_last)
     if options.compile:
+        # Freezing makes the weights graph constants. It must be the global setting, not a compile option: dynamo
+        # reads it when it traces (torch._dynamo.utils.is_parameter_freezing) and otherwise passes the weights as
+        # inputs, which leaves nothing to prepack (measured: no gain). It applies only under inference mode.
+        torch._inductor.config.freezing = True
         for encoder in encoders:
-            # Freezing needs the weights constant, which `requires_grad_(False)` above and inference mode give.
-            encoder.compile(dynamic=False, options={"freezing": True})
+            encoder.compile(dynamic=False)
     if options.dtype is not None:
         device_type = next(model.parameters()).device.type
         model.forward = torch.autocast(device_type, dtype=options.dtype)(model.forward)
