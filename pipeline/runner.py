@@ -58,6 +58,7 @@ class SourceRun:
     last_index: int | None = None
     next_index: int = 0  # after the last frame read from the decoder: where a recreated decoder resumes
     restarts: int = 0  # decoder actors recreated after dying
+    decoder_start: int = 0  # the first frame index of the current decoder
     last_drop_event: float = 0.0
     progress: tqdm | None = None
 
@@ -134,7 +135,7 @@ class Job:
         start = 0 if state.last_frame_index is None else state.last_frame_index + 1
         strategy = self.placement.assign(source.id)
         self.sources[source.id] = SourceRun(source, self._decoder(source, start, strategy), strategy.node_id,
-                                            last_index=state.last_frame_index, next_index=start)
+                                            last_index=state.last_frame_index, next_index=start, decoder_start=start)
 
     def _decoder(self, source: SourceConfig, start: int,
                  strategy: NodeAffinitySchedulingStrategy) -> ray.actor.ActorHandle:
@@ -245,17 +246,40 @@ class Job:
             run.decoded_all = True
             self._finish_if_done(run)
 
-    def _restart_decoder(self, run: SourceRun, error: Exception) -> None:
+    def _restart_decoder(self, run: SourceRun, error: Exception, what: str = "decoder died",
+                         counted: bool = True) -> None:
         """A dead decoder is recreated at `next_index`: the frames before it were read and are on their way to
         Redis, what the dead one had buffered is decoded again, so every frame is written once, with no gap."""
-        if run.restarts >= self.config.decoder.max_restarts:
-            self._fail(run, f"decoder died {run.restarts + 1} times (decoder.max_restarts = "
-                            f"{self.config.decoder.max_restarts}); last: {type(error).__name__}")
+        if counted and run.restarts >= self.config.decoder.max_restarts:
+            self._fail(run, f"{what} {run.restarts + 1} times (decoder.max_restarts = "
+                            f"{self.config.decoder.max_restarts}); last: {type(error).__name__}: {error}")
             return
-        run.restarts += 1
+        if counted:
+            run.restarts += 1
         run.decoder = self._decoder(run.config, run.next_index, self.placement.strategy(run.config.id))
-        self.sink.event(Event(type="recovered", source_id=run.config.id, message="decoder actor died; recreated",
+        run.decoder_start = run.next_index
+        self.sink.event(Event(type="recovered", source_id=run.config.id, message=f"{what}; decoder recreated",
                               details={"restarts": run.restarts, "start_index": run.next_index}))
+
+    def _redecode(self, run: SourceRun, chunk: Chunk, error: Exception) -> None:
+        """A batch failed for good (its frames were on a node that is gone, or its worker gave up): the source's
+        frames from `chunk` on are decoded again by a new decoder. Its later chunks are dropped (batches in
+        flight with them are ignored), so every frame is still written once, in order."""
+        if run.status != "running":  # removed or stopping: nothing more is decoded
+            self._fail(run, f"inference failed: {error}")
+            return
+        pending = list(run.pending)
+        kept = pending[:next(i for i, c in enumerate(pending) if c is chunk)]
+        for dropped in pending[len(kept):]:
+            self.batchers[run.home].remove(dropped)
+        run.pending = deque(kept)
+        run.in_flight = sum(c.size for c in kept)
+        run.read, run.decoded_all = None, False
+        run.next_index = chunk.info.frames[0].frame_index
+        ray.kill(run.decoder)
+        # One lost node fails every batch in flight with its frames: only a chunk of the current decoder counts
+        # against max_restarts (earlier ones are fallout of a failure already counted, and finitely many).
+        self._restart_decoder(run, error, "inference failed", counted=run.next_index >= run.decoder_start)
 
     def _on_decoder_event(self, run: SourceRun, event: Event) -> None:
         self.sink.event(event)
@@ -297,8 +321,9 @@ class Job:
             per_chunk: list[list[FrameResult]] = ray.get(ref)
         except ray.exceptions.RayError as e:
             for chunk in batch:
-                if chunk.source_id in self.sources:
-                    self._fail(self.sources[chunk.source_id], f"inference failed: {e}")
+                run = self.sources.get(chunk.source_id)
+                if run is not None and any(c is chunk for c in run.pending):  # not dropped by an earlier failure
+                    self._redecode(run, chunk, e)
             return
         for chunk, results in zip(batch, per_chunk):
             chunk.results = results

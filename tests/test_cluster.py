@@ -38,15 +38,15 @@ def test_workers_on_the_gpu_node_and_decoders_next_to_them_until_it_is_full(scen
 def test_removing_the_node_of_a_decoder_loses_no_frame(scenario):
     spilled = scenario["spilled"][0]
     assert 0 < scenario["written_before_removal"][spilled] < scenario["expected"][spilled]
-    assert not scenario["first_run_alive"]
+    assert not scenario["job_alive"]
+    # The decoder died with its node. Chunks it had read were lost with the node's object store, so their batches
+    # failed: the source (and any batched with it) was decoded again from the first lost frame by a new decoder.
+    # The job itself ends normally.
     recovered = [e for e in scenario["events"] if e["type"] == "recovered" and e.get("source_id") == spilled]
-    assert recovered, "the dead decoder was not recreated"
-    # Its frames read from the lost node's object store are gone: that source (and any batched with it) ends in
-    # error; the re-run resumes after the last frame in Redis and finishes what the first run did not.
-    first, rerun = scenario["first_run"], scenario["rerun"]
-    assert set(first) == set(scenario["homes"])
-    assert all(first[s]["status"] == "eos" or rerun[s]["status"] == "eos" for s in first)
-    assert all(first[s]["frames"] + rerun.get(s, {"frames": 0})["frames"] == scenario["expected"][s] for s in first)
+    assert recovered and all(e["details"]["start_index"] <= scenario["written_before_removal"][spilled] + 8 * 4
+                             for e in recovered)
+    assert {s: r["status"] for s, r in scenario["summary"].items()} == dict.fromkeys(scenario["homes"], "eos")
+    assert all(r["frames"] == scenario["expected"][s] for s, r in scenario["summary"].items())
 
 
 def test_every_stream_is_complete_exactly_once(scenario):
