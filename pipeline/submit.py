@@ -2,11 +2,14 @@
 
 It only writes one validated `add` message to the control stream (`<prefix>:control`); the running `cdetr run`
 starts the source, or reports an `error` event in `<prefix>:events` (for example, an id that is already running).
+Redis URL and prefix come from the same layers as `cdetr run`'s (--config, `CDETR_REDIS__*`, then the flags), so
+on a cluster's head the URL is taken from the environment and never typed.
 """
 import argparse
 import sys
+from pathlib import Path
 
-from pipeline.config import ConfigError, validate_config
+from pipeline.config import ConfigError, load_config
 from pipeline.redis_server import DEFAULT_HOST, DEFAULT_PORT
 from pipeline.schema import AddSource
 from pipeline.sink import RedisSink, connect
@@ -19,15 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, help="sample the source at most at this rate")
     parser.add_argument("--policy", choices=("block", "drop_oldest"), help="backpressure (default: by source kind)")
     parser.add_argument("--redis-url", help="the pipeline's redis:// or rediss:// URL (default: the local server)")
-    parser.add_argument("--prefix", default="cdetr", help="key prefix of the running pipeline")
+    parser.add_argument("--prefix", help="key prefix of the running pipeline (default: cdetr)")
+    parser.add_argument("--config", type=Path, help="the pipeline's YAML/JSON config file (for its redis section)")
 
 
 def run(args: argparse.Namespace) -> int:
     source = {"id": args.source_id, "url": args.source, "fps": args.fps, "policy": args.policy}
-    redis = {"prefix": args.prefix, **({"url": args.redis_url} if args.redis_url else {})}
+    redis = {key: value for key, value in (("url", args.redis_url), ("prefix", args.prefix)) if value is not None}
     try:
-        # The same validation as the pipeline's own config: a bad id, URL or fps never reaches the stream.
-        config = validate_config({"sources": [source], "redis": redis})
+        # The pipeline's own validation: a bad id, URL or fps never reaches the stream.
+        config = load_config(args.config, overrides={"sources": [source], "redis": redis})
     except ConfigError as e:
         print(f"cdetr submit: {e}", file=sys.stderr)
         return 2

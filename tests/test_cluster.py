@@ -85,16 +85,19 @@ def test_sources_go_to_the_node_with_the_fewest_streams_per_worker():
         Placement([])
 
 
-def test_submit_writes_one_validated_add_message(redis_server, redis_client, tmp_path, capsys):
+def test_submit_writes_one_validated_add_message(redis_server, redis_client, tmp_path, capsys, monkeypatch):
     sink = RedisSink(redis_client, "submit")
     video = tmp_path / "cam.mp4"
-    assert main(["submit", str(video), "--source-id", "cam9", "--fps", "5", "--redis-url", redis_server["url"],
-                 "--prefix", "submit"]) == 0
+    # Redis is found as `cdetr run` finds it: here from the environment, as on a cluster's head.
+    monkeypatch.setenv("CDETR_REDIS__URL", redis_server["url"])
+    monkeypatch.setenv("CDETR_REDIS__PREFIX", "submit")
+    assert main(["submit", str(video), "--source-id", "cam9", "--fps", "5"]) == 0
     (_, fields), = sink.client.xrange(sink.control_key)
     message = ControlMessage.validate_json(fields["json"])
     assert isinstance(message, AddSource)
     assert (message.source.id, message.source.url, message.source.fps) == ("cam9", str(video), 5.0)
 
+    monkeypatch.delenv("CDETR_REDIS__URL")
     assert main(["submit", "ftp://x/y", "--source-id", "bad id", "--redis-url", redis_server["url"],
                  "--prefix", "submit"]) == 2
     err = capsys.readouterr().err
