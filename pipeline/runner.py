@@ -5,6 +5,9 @@ from a decoder's object store straight to a worker (the ObjectRefs are passed as
 - Reads: one outstanding `read()` per source, for at most the per-source cap, and never more than
   `max_in_flight_per_source` frames between decoding and Redis: this is what bounds memory and propagates
   backpressure to the decoder's buffer.
+- Placement: each source has a home node, one its workers run on; its decoder starts there and its chunks are
+  batched per home node and sent only to that node's workers, so frames stay in one node's object store
+  (pipeline/placement.py).
 - Batches: at most `batches_in_flight_per_worker` per worker, so actor queues stay short.
 - Writes: results are written per source strictly in frame order (explicit entry IDs need it), so a chunk that
   finishes early waits for the chunks before it.
