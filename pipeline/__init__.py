@@ -4,10 +4,11 @@ Data flow, one module per stage:
     sources.py     which URLs are allowed, which are live, how FFmpeg opens them
     decoder.py     StreamDecoder actor per source: PyAV decode, swscale to model size, backpressure, reconnect
     batcher.py     batches across sources (size, timeout from the first frame, one chunk per source)
+    placement.py   which node serves each source: its decoder next to its workers, worker count from streams
     worker.py      DetectorWorker actor: the model, once; detections (+ panoptic) as FrameResults
     sink.py        Redis Streams writer: explicit entry IDs (idempotent), eos, events
     subscriber.py  reading FrameResults back, plainly or with a consumer group
     runner.py      the job that drives them all (`cdetr run`), with the control stream
 Around them: config.py (one pydantic model), schema.py (the wire format), metrics.py, redis_server.py (the
-embedded default), render.py, detect.py, sample_video.py, demo.py and cli.py.
+embedded default), render.py, detect.py, sample_video.py, demo.py, submit.py (`cdetr submit`) and cli.py.
 """
