@@ -12,10 +12,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# redis-server (tests and the embedded default) and ffmpeg (live-source simulation in tests) come from Debian.
+# redis-server (tests and the embedded default), ffmpeg (live sources in tests) and openssl (TLS test
+# certificates) come from Debian.
 system-deps:
-	@command -v redis-server >/dev/null && command -v ffmpeg >/dev/null || \
-		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server ffmpeg; }
+	@command -v redis-server >/dev/null && command -v ffmpeg >/dev/null && command -v openssl >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server ffmpeg openssl; }
 
 test: $(STAMP) system-deps
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q

@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from model.box_ops import box_xywh_to_xyxy, box_xyxy_to_cxcywh
-from model.image_processor import get_resize_output_size
+from model.image_size import get_resize_output_size
 from model.panoptic import decode_id_png, rle_to_mask
 
 

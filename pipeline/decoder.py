@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import av
 import numpy as np
 
-from model.image_processor import get_resize_output_size
+from model.image_size import get_resize_output_size
 from pipeline.config import DecoderConfig, SourceConfig
 from pipeline.schema import Event
 from pipeline.sources import open_options, parse_source_url, redact

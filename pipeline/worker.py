@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from model import ConditionalDetrForObjectDetection, ConditionalDetrForSegmentation, ConditionalDetrImageProcessor
-from model.image_processor import get_resize_output_size
+from model.image_size import get_resize_output_size
 from model.panoptic import panoptic_to_coco
 from model.shapes import CATEGORIES as SHAPES_CATEGORIES
 from pipeline.config import ModelSettings

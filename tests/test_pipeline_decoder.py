@@ -1,12 +1,13 @@
 """StreamDecoder on its own (a plain object here; the runner makes it a Ray actor): model-sized frames,
 backpressure policies, fps sampling, and a live MPEG-TS/UDP source (ffmpeg) that stops and comes back."""
 import subprocess
+import sys
 import time
 
 import pytest
 
 from conftest import encode_video, free_port
-from model.image_processor import get_resize_output_size
+from model.image_size import get_resize_output_size
 from pipeline.config import DecoderConfig, SourceConfig
 from pipeline.decoder import StreamDecoder
 
@@ -117,3 +118,10 @@ def test_live_tcp_source_reports_the_lost_connection(tmp_path):
     finally:
         sender.kill()
         decoder.stop()
+
+
+def test_decoder_module_does_not_import_torch():
+    """Decoder actors only need the resize rule; torch would cost ~290 MiB per camera process."""
+    code = "import sys, pipeline.decoder; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
