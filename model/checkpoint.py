@@ -66,6 +66,14 @@ V5 = Layout(
         (_DEC + r"\.encoder_attn\.([qk])_(content|pos)_proj\.", r"\1.ca_\2\3_proj."),
         (_DEC + r"\.encoder_attn\.v_proj\.", r"\1.ca_v_proj."),
         (_DEC + r"\.encoder_attn\.q_pos_sine_proj\.", r"\1.ca_qpos_sine_proj."),
+        # Segmentation head (reference §6.3).
+        (r"^bbox_attention\.([qk])_proj\.", r"bbox_attention.\1_linear."),
+        (r"^mask_head\.conv([12])\.conv\.", r"mask_head.lay\1."),
+        (r"^mask_head\.conv([12])\.norm\.", r"mask_head.gn\1."),
+        *((rf"^mask_head\.fpn_stages\.{i}\.fpn_adapter\.", f"mask_head.adapter{i + 1}.") for i in range(3)),
+        *((rf"^mask_head\.fpn_stages\.{i}\.refine\.conv\.", f"mask_head.lay{i + 3}.") for i in range(3)),
+        *((rf"^mask_head\.fpn_stages\.{i}\.refine\.norm\.", f"mask_head.gn{i + 3}.") for i in range(3)),
+        (r"^mask_head\.output_conv\.", "mask_head.out_lay."),
     ),
 )
 
