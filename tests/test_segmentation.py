@@ -8,7 +8,7 @@ from transformers import ConditionalDetrConfig as HFConfig
 from transformers import ConditionalDetrForObjectDetection as HFDetection
 from transformers import ConditionalDetrForSegmentation as HFSegmentation
 
-from hf_reference import SMALL, padded_batch, randomize_, save_hf_v4
+from hf_reference import SMALL, padded_batch, randomize_, save_hf_v4, save_hf_v5
 from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig
 from model.post_processing import post_process_panoptic_segmentation
@@ -132,6 +132,14 @@ def test_save_pretrained_round_trip_and_transformers_loads_it(model, full_output
     assert torch.equal(again.pred_masks, full_output.pred_masks)
     torch.testing.assert_close(reference.logits, full_output.logits, atol=TOLERANCE, rtol=0)
     torch.testing.assert_close(reference.pred_masks, full_output.pred_masks, atol=TOLERANCE, rtol=0)
+
+
+def test_loads_the_transformers_v5_key_layout(hf_model, full_output, batch, tmp_path):
+    names = list(hf_model.state_dict())
+    assert "mask_head.fpn_stages.2.refine.conv.weight" in names and "bbox_attention.q_proj.weight" in names
+    loaded = ConditionalDetrForSegmentation.from_pretrained(save_hf_v5(hf_model, tmp_path))
+    with torch.no_grad():
+        assert torch.equal(loaded(*batch).pred_masks, full_output.pred_masks)
 
 
 def _tiny_config(**overrides) -> ConditionalDetrConfig:
