@@ -46,6 +46,16 @@ def check_model_path(settings: ModelSettings) -> None:
                          f"checkpoint (see `architectures` in its config.json)")
 
 
+def load_model(settings: ModelSettings) -> torch.nn.Module:
+    """The model for the asked outputs. A segmentation checkpoint serves detection too: its detector (the
+    `conditional_detr.` part, identical to a detection model) runs alone when panoptic output is off."""
+    path = Path(settings.path)
+    if has_panoptic_head(path):
+        segmentation = ConditionalDetrForSegmentation.from_pretrained(path)
+        return segmentation if settings.panoptic else segmentation.conditional_detr
+    return ConditionalDetrForObjectDetection.from_pretrained(path)
+
+
 def stuff_label_ids(id2label: dict[int, str]) -> set[int]:
     """Labels merged into one panoptic segment per class. Checkpoints do not record which classes are stuff, so
     this uses the shapes dataset's categories, matched by name (a model with other labels fuses nothing)."""
@@ -58,8 +68,7 @@ class Detector:
         self.settings = settings
         self.device = torch.device(device)
         self.processor = load_processor(settings)
-        model_class = ConditionalDetrForSegmentation if settings.panoptic else ConditionalDetrForObjectDetection
-        self.model = model_class.from_pretrained(settings.path).to(self.device).eval()
+        self.model = load_model(settings).to(self.device).eval()
         self.id2label: dict[int, str] = self.model.config.id2label
         self.stuff = stuff_label_ids(self.id2label)
         self.name = Path(settings.path).name

@@ -3,6 +3,7 @@ import base64
 import json
 
 import numpy as np
+import torch
 from PIL import Image
 
 from conftest import TINY_MODEL_SIZE
@@ -51,3 +52,18 @@ def test_detect_panoptic_gives_a_coco_png_and_segments(tmp_path, tiny_panoptic_m
     # A detection checkpoint has no panoptic head: a clear error before any work.
     assert main(["detect", str(image), "--model", str(tiny_model), "--panoptic"]) == 2
     assert "ConditionalDetrForSegmentation" in capsys.readouterr().err
+
+
+def test_a_segmentation_checkpoint_serves_detection_alone(tmp_path, tiny_panoptic_model):
+    """Without --panoptic, a segmentation checkpoint runs its detector only: same detections, no panoptic."""
+    from pipeline.config import ModelSettings
+    from pipeline.worker import Detector
+
+    frame = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (38, 96, 3), dtype=np.uint8))
+    detection = Detector(ModelSettings(path=str(tiny_panoptic_model), threshold=0.0))
+    panoptic = Detector(ModelSettings(path=str(tiny_panoptic_model), threshold=0.0, panoptic=True))
+    assert type(detection.model).__name__ == "ConditionalDetrForObjectDetection"
+    (detections, no_panoptic), = detection([frame], [(60, 150)])[0]
+    (panoptic_detections, with_panoptic), = panoptic([frame], [(60, 150)])[0]
+    assert no_panoptic is None and with_panoptic is not None
+    assert detections and [d.box for d in detections] == [d.box for d in panoptic_detections]
