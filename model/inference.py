@@ -49,7 +49,7 @@ def fold_batch_norm(module: nn.Module) -> int:
     for encoder in (m for m in module.modules() if isinstance(m, ConvEncoder)):
         for parent in list(encoder.modules()):
             children = list(parent.named_children())
-            for (conv_name, conv), (norm_name, norm) in zip(children, children[1:]):
+            for (_, conv), (norm_name, norm) in zip(children, children[1:]):
                 if isinstance(conv, nn.Conv2d) and isinstance(norm, BATCH_NORMS):
                     _fold_into(conv, norm)
                     setattr(parent, norm_name, nn.Identity())
