@@ -33,11 +33,12 @@ def _size_list(sizes, batch_size: int, name: str) -> list[tuple[int, int]] | Non
 
 
 def post_process_object_detection(outputs, threshold: float = 0.5, target_sizes=None, top_k: int = 100) -> list[dict]:
-    """Top-k (query, class) pairs per image -> `{"scores", "labels", "boxes"}` with xyxy boxes.
+    """Top-k (query, class) pairs per image -> `{"scores", "labels", "boxes", "query_indices"}` with xyxy boxes.
 
     Identical to `transformers`: sigmoid over all Q*C logits, the `top_k` best pairs (a query may appear with
     several labels), then keep `score > threshold` (strict). With `target_sizes` ((B,2) tensor or list of
-    (height, width)) boxes are scaled to pixels; they are not clipped to the image.
+    (height, width)) boxes are scaled to pixels; they are not clipped to the image. `query_indices` (a key
+    `transformers` does not return) is the query of each detection, which finds its mask in a segmentation output.
     """
     logits, boxes = _field(outputs, "logits"), _field(outputs, "pred_boxes")
     batch_size, _, num_classes = logits.shape
@@ -57,9 +58,38 @@ def post_process_object_detection(outputs, threshold: float = 0.5, target_sizes=
         scale = torch.stack([widths, heights, widths, heights], dim=1).to(boxes.device)
         boxes = boxes * scale[:, None, :]
     results = []
-    for image_scores, image_labels, image_boxes in zip(scores, labels, boxes):
+    for image_scores, image_labels, image_boxes, image_queries in zip(scores, labels, boxes, queries):
         keep = image_scores > threshold
-        results.append({"scores": image_scores[keep], "labels": image_labels[keep], "boxes": image_boxes[keep]})
+        results.append({"scores": image_scores[keep], "labels": image_labels[keep], "boxes": image_boxes[keep],
+                        "query_indices": image_queries[keep]})
+    return results
+
+
+def post_process_detection_masks(outputs, detections: list[dict], mask_threshold: float = 0.5, target_sizes=None,
+                                 processed_sizes=None) -> list[list[dict | None]]:
+    """COCO RLE mask (`{"size", "counts", "area"}`, `counts` an ASCII string) of each detection that
+    `post_process_object_detection` made from these outputs, found by its `query_indices`; None for a detection
+    whose query has no mask (pruned inference computed none for it).
+
+    As DETR's PostProcessSegm: the sigmoid mask over the padded input, cropped to the processed size, resized to
+    the target size and thresholded (`> mask_threshold`); DETR thresholds before a nearest resize, this after a
+    bilinear one (`_fit_masks`, as the panoptic path), so edges follow the mask. `target_sizes` /
+    `processed_sizes` as in `post_process_semantic_segmentation`. One mask is resized at a time, so memory stays
+    one target-sized map however many detections there are; a query detected with several labels is encoded once.
+    """
+    targets, processed, padded = _per_image_sizes(outputs, target_sizes, processed_sizes)
+    if len(detections) != len(targets):
+        raise ValueError(f"detections has {len(detections)} entries but the outputs hold a batch of {len(targets)}")
+    results = []
+    for b, ((indices, masks), detection) in enumerate(zip(_query_masks(outputs), detections)):
+        slot = {query: k for k, query in enumerate(indices.tolist())}  # query -> its row in `masks`
+        queries = detection["query_indices"].tolist()
+        encoded: dict[int, dict] = {}
+        for query in set(queries) & slot.keys():
+            k = slot[query]
+            binary = _fit_masks(masks[k: k + 1].sigmoid(), processed[b], padded, targets[b])[0] > mask_threshold
+            encoded[query] = {**mask_to_rle(binary), "area": int(binary.sum())}
+        results.append([encoded.get(query) for query in queries])
     return results
 
 

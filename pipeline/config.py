@@ -116,8 +116,15 @@ class ModelSettings(_Section):
     threshold: float = Field(0.5, ge=0, le=1)
     top_k: int = Field(100, ge=1)
     panoptic: bool = Field(False, description="also run the panoptic head (needs a segmentation checkpoint)")
+    instance_masks: bool = Field(
+        False, description="also attach a COCO RLE mask to each detection (needs a segmentation checkpoint)")
     size: dict[str, int] | None = Field(
         None, description="processor resize rule override, e.g. {shortest_edge: 480, longest_edge: 800}")
+
+    @property
+    def needs_masks(self) -> bool:
+        """Whether the outputs asked for need the segmentation model's masks."""
+        return self.panoptic or self.instance_masks
 
 
 class RedisConfig(_Section):

@@ -35,12 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     parser.add_argument("--model", type=Path, default=ModelSettings().path, help="checkpoint dir or .pth")
     parser.add_argument("--panoptic", action="store_true", help="also run the panoptic head")
+    parser.add_argument("--instance-masks", action="store_true",
+                        help="also attach a COCO RLE mask to each detection (segmentation checkpoint)")
     parser.add_argument("--threshold", type=float, default=ModelSettings().threshold)
     parser.add_argument("--out", type=Path, default=Path("out"), help="directory for the JSON and PNG files")
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = ModelSettings(path=args.model, panoptic=args.panoptic, threshold=args.threshold)
+    settings = ModelSettings(path=args.model, panoptic=args.panoptic, instance_masks=args.instance_masks,
+                             threshold=args.threshold)
     try:
         check_model_path(settings)
     except (FileNotFoundError, ValueError) as e:

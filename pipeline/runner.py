@@ -423,6 +423,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stream id per SOURCE, in order (default: derived from the file name)")
     parser.add_argument("--model", type=Path, help="checkpoint dir or .pth (default: the bundled shapes-tiny)")
     parser.add_argument("--panoptic", action="store_true", default=None, help="also run the panoptic head")
+    parser.add_argument("--instance-masks", action="store_true", default=None,
+                        help="also attach a COCO RLE mask to each detection (segmentation checkpoint)")
     parser.add_argument("--redis-url", help="redis:// or rediss:// URL (default: local, started if needed)")
     parser.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
     parser.add_argument("--config", type=Path, help="YAML/JSON config file (see pipeline/config.py)")
@@ -459,7 +461,8 @@ def _overrides(args: argparse.Namespace) -> dict:
     if args.sources:
         overrides["sources"] = [{"id": i, "url": url, **({"fps": args.fps} if args.fps else {})}
                                 for i, url in zip(ids, args.sources)]
-    model = {k: v for k, v in (("path", args.model), ("panoptic", args.panoptic)) if v is not None}
+    model = {k: v for k, v in (("path", args.model), ("panoptic", args.panoptic),
+                               ("instance_masks", args.instance_masks)) if v is not None}
     if model:
         overrides["model"] = model
     if args.redis_url:

@@ -17,11 +17,20 @@ from pipeline.config import SourceConfig
 WIRE_VERSION = 1
 
 
+class RLE(BaseModel):
+    """A binary mask in COCO run-length encoding, as pycocotools reads it (`mask.decode`)."""
+    size: tuple[int, int] = Field(description="[height, width] of the source frame")
+    counts: str = Field(description="COCO compressed RLE (column-major runs), an ASCII string")
+    area: int = Field(description="pixels in the mask")
+
+
 class Detection(BaseModel):
     label: int
     label_name: str
     score: float
     box: tuple[float, float, float, float] = Field(description="[x0, y0, x1, y1] in source-frame pixels")
+    mask: RLE | None = Field(None, description="instance mask in source-frame pixels when model.instance_masks is "
+                                               "on; None when off or when its query got no mask")
 
 
 class Segment(BaseModel):

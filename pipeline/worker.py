@@ -14,10 +14,11 @@ import torch
 from model import ConditionalDetrForObjectDetection, ConditionalDetrForSegmentation, ConditionalDetrImageProcessor
 from model.image_size import get_resize_output_size
 from model.panoptic import panoptic_to_coco
+from model.post_processing import post_process_detection_masks
 from model.shapes import CATEGORIES as SHAPES_CATEGORIES
 from pipeline.config import ModelSettings
 from pipeline.decoder import ChunkInfo
-from pipeline.schema import Detection, FrameResult, Panoptic, Segment
+from pipeline.schema import RLE, Detection, FrameResult, Panoptic, Segment
 
 
 def load_processor(settings: ModelSettings) -> ConditionalDetrImageProcessor:
@@ -37,22 +38,24 @@ def has_panoptic_head(path: Path) -> bool:
 
 
 def check_model_path(settings: ModelSettings) -> None:
-    """Fail before any actor starts when the checkpoint is missing or has no panoptic head but one is asked for."""
+    """Fail before any actor starts when the checkpoint is missing or has no mask head but masks are asked for."""
     path = Path(settings.path)
     if not path.exists():
         raise FileNotFoundError(f"model checkpoint {path} does not exist")
-    if settings.panoptic and not has_panoptic_head(path):
-        raise ValueError(f"panoptic output needs a ConditionalDetrForSegmentation checkpoint; {path} is a detection "
+    if settings.needs_masks and not has_panoptic_head(path):
+        asked = " and ".join(name for name, on in (("panoptic output", settings.panoptic),
+                                                   ("instance masks", settings.instance_masks)) if on)
+        raise ValueError(f"{asked}: needs a ConditionalDetrForSegmentation checkpoint; {path} is a detection "
                          f"checkpoint (see `architectures` in its config.json)")
 
 
 def load_model(settings: ModelSettings) -> torch.nn.Module:
     """The model for the asked outputs. A segmentation checkpoint serves detection too: its detector (the
-    `conditional_detr.` part, identical to a detection model) runs alone when panoptic output is off."""
+    `conditional_detr.` part, identical to a detection model) runs alone when no masks are asked for."""
     path = Path(settings.path)
     if has_panoptic_head(path):
         segmentation = ConditionalDetrForSegmentation.from_pretrained(path)
-        return segmentation if settings.panoptic else segmentation.conditional_detr
+        return segmentation if settings.needs_masks else segmentation.conditional_detr
     return ConditionalDetrForObjectDetection.from_pretrained(path)
 
 
@@ -76,29 +79,34 @@ class Detector:
     @torch.inference_mode()
     def __call__(self, frames: list[torch.Tensor], source_sizes: list[tuple[int, int]]
                  ) -> tuple[list[tuple[list[Detection], Panoptic | None]], dict[str, float]]:
-        """Detections (boxes in `source_sizes` pixels) and panoptic results (at model input size, None when off)
-        for uint8 (h, w, 3) frames, and the batch's timings."""
+        """Detections (boxes and instance masks in `source_sizes` pixels; masks None when off) and panoptic
+        results (at model input size, None when off) for uint8 (h, w, 3) frames, and the batch's timings."""
         started = time.perf_counter()
         same_size = all(f.shape == frames[0].shape for f in frames)
         inputs = self.processor.preprocess_frames(torch.stack(frames) if same_size else frames)
-        # The panoptic head computes masks only for the queries that can pass the threshold (pruned inference).
+        # The mask head computes masks only for the queries that can pass the threshold (pruned inference): every
+        # detection's query is among them (barring exact score ties), since a query's best class score is at least
+        # its detection's score; a detection whose query got no mask has mask None.
         pruning = {"score_threshold": self.settings.threshold, "top_k": self.settings.top_k} \
-            if self.settings.panoptic else {}
+            if self.settings.needs_masks else {}
         outputs = self.model(inputs["pixel_values"], inputs["pixel_mask"], **pruning)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         inferred = time.perf_counter()
         detections = self.processor.post_process_object_detection(
             outputs, threshold=self.settings.threshold, target_sizes=source_sizes, top_k=self.settings.top_k)
-        panoptic = self._panoptic(outputs, [f.shape[:2] for f in frames]) if self.settings.panoptic \
-            else [None] * len(frames)
-        results = [(self._detections(d), p) for d, p in zip(detections, panoptic)]
+        # Each frame's size after the processor's resize, before padding: the part of the mask maps that is image.
+        processed = [get_resize_output_size(h, w, self.processor.size) for h, w in (f.shape[:2] for f in frames)]
+        masks = post_process_detection_masks(outputs, detections, target_sizes=source_sizes,
+                                             processed_sizes=processed) if self.settings.instance_masks \
+            else [[None] * len(d["scores"]) for d in detections]
+        panoptic = self._panoptic(outputs, processed) if self.settings.panoptic else [None] * len(frames)
+        results = [(self._detections(d, m), p) for d, m, p in zip(detections, masks, panoptic)]
         timings = {"inference": (inferred - started) * 1e3, "postprocess": (time.perf_counter() - inferred) * 1e3}
         return results, timings
 
-    def _panoptic(self, outputs, frame_sizes: list[tuple[int, int]]) -> list[Panoptic]:
-        """COCO panoptic PNG + segments per frame, at the size the frame had after preprocessing (model input)."""
-        sizes = [get_resize_output_size(h, w, self.processor.size) for h, w in frame_sizes]
+    def _panoptic(self, outputs, sizes: list[tuple[int, int]]) -> list[Panoptic]:
+        """COCO panoptic PNG + segments per frame, at `sizes`: each frame's size after preprocessing (model input)."""
         results = self.processor.post_process_panoptic_segmentation(
             outputs, threshold=self.settings.threshold, label_ids_to_fuse=self.stuff, target_sizes=sizes,
             processed_sizes=sizes)
@@ -112,11 +120,11 @@ class Detector:
                         bbox=tuple(s["bbox"])) for s in segments]))
         return panoptic
 
-    def _detections(self, result: dict[str, torch.Tensor]) -> list[Detection]:
+    def _detections(self, result: dict[str, torch.Tensor], masks: list[dict | None]) -> list[Detection]:
         return [Detection(label=label, label_name=self.id2label.get(label, str(label)), score=score,
-                          box=tuple(box))
-                for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(),
-                                             result["boxes"].tolist())]
+                          box=tuple(box), mask=None if mask is None else RLE(**mask))
+                for score, label, box, mask in zip(result["scores"].tolist(), result["labels"].tolist(),
+                                                   result["boxes"].tolist(), masks)]
 
 
 class DetectorWorker:
