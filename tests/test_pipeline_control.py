@@ -113,19 +113,27 @@ def test_cli_run_with_the_panoptic_head(tmp_path, redis_server, redis_client, ra
         assert {s["id"] for s in frame["panoptic"]["segments"]} == set(np.unique(ids)) - {0}
 
 
-def test_stop_mid_run_flushes_in_order_and_the_next_run_resumes(tmp_path, redis_server, redis_client, ray_session,
-                                                                tiny_model):
-    video = encode_video(tmp_path / "interrupted.mp4", 150, (64, 48))
+def start_file_job(video, source_id: str, redis_server, redis_client, tiny_model):
+    """A Job on one file source, running in a thread until it has written 8 frames.
+
+    Returns its config, sink, job, thread and the dict its summary lands in."""
     sink = RedisSink(redis_client, PREFIX)
     config = PipelineConfig.model_validate({
-        "sources": [{"id": "interrupted", "url": str(video)}], "batching": {"max_batch_size": 4},
+        "sources": [{"id": source_id, "url": str(video)}], "batching": {"max_batch_size": 4},
         "decoder": {"num_cpus": 0.1}, "model": {"path": str(tiny_model)},
         "redis": {"url": redis_server["url"], "prefix": PREFIX}})
     job = Job(config, sink)
     summary = {}
     thread = threading.Thread(target=lambda: summary.update(job.run()))
     thread.start()
-    wait_for(lambda: sink.client.xlen(sink.frames_key("interrupted")) >= 8)
+    wait_for(lambda: sink.client.xlen(sink.frames_key(source_id)) >= 8)
+    return config, sink, job, thread, summary
+
+
+def test_stop_mid_run_flushes_in_order_and_the_next_run_resumes(tmp_path, redis_server, redis_client, ray_session,
+                                                                tiny_model):
+    video = encode_video(tmp_path / "interrupted.mp4", 150, (64, 48))
+    config, sink, job, thread, summary = start_file_job(video, "interrupted", redis_server, redis_client, tiny_model)
     send(sink, {"op": "stop"})  # what Ctrl-C does: stop reading, finish the batches in flight, write them in order
     thread.join(timeout=60)
     assert not thread.is_alive() and summary["interrupted"]["status"] == "stopped"
@@ -139,16 +147,7 @@ def test_stop_mid_run_flushes_in_order_and_the_next_run_resumes(tmp_path, redis_
 def test_a_killed_worker_is_restarted_and_no_frame_is_lost_or_repeated(tmp_path, redis_server, redis_client,
                                                                        ray_session, tiny_model):
     video = encode_video(tmp_path / "crash.mp4", 120, (64, 48))
-    sink = RedisSink(redis_client, PREFIX)
-    config = PipelineConfig.model_validate({
-        "sources": [{"id": "crash", "url": str(video)}], "batching": {"max_batch_size": 4},
-        "decoder": {"num_cpus": 0.1}, "model": {"path": str(tiny_model)},
-        "redis": {"url": redis_server["url"], "prefix": PREFIX}})
-    job = Job(config, sink)
-    summary = {}
-    thread = threading.Thread(target=lambda: summary.update(job.run()))
-    thread.start()
-    wait_for(lambda: sink.client.xlen(sink.frames_key("crash")) >= 8)
+    _, sink, job, thread, summary = start_file_job(video, "crash", redis_server, redis_client, tiny_model)
     # The worker process dies with batches in flight; Ray restarts it (max_restarts) and retries them
     # (max_task_retries); explicit entry IDs keep the retried writes idempotent.
     ray_session.kill(job.workers[0], no_restart=False)
