@@ -11,6 +11,8 @@ _EXPORTS = {
     "ConditionalDetrForSegmentation": "model.segmentation",
     "ConditionalDetrImageProcessor": "model.image_processor",
     "ConditionalDetrFeatureExtractor": "model.image_processor",
+    "InferenceOptions": "model.inference",
+    "optimize": "model.inference",
 }
 
 __all__ = list(_EXPORTS)
