@@ -3,9 +3,10 @@ random weights, fp32. Prints one JSON object. Two modes:
 
   forward (default)  model forward on a 1x3x800x1066 tensor (`--height`, `--width`)
   --end-to-end       1280x720 uint8 RGB frames -> preprocess -> forward -> post-process (boxes in frame pixels),
-                     at batch 1 and 4 (`--batch-sizes`): ours = `preprocess_frames` + model +
-                     `post_process_object_detection`; transformers = its default (torchvision) processor on uint8
-                     CHW tensors + model + its post-processing
+                     at batch 1 and 4 (`--batch-sizes`), starting from host memory: ours = `frames_to_device`
+                     (pinned on a GPU) + `preprocess_frames` + model + `post_process_object_detection`;
+                     transformers = its default (torchvision) processor on uint8 CHW tensors, run on the device,
+                     + model + its post-processing
 
     .venv/bin/python bench/bench_model.py [--end-to-end] [--repeats 3] [--threads 1] [--compile]
                                           [--autocast bfloat16] [--device cpu]
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_preprocess import HEIGHT, WIDTH, frames  # noqa: E402
 from model.conditional_detr import ConditionalDetrForObjectDetection  # noqa: E402
 from model.image_processor import ConditionalDetrImageProcessor  # noqa: E402
-from model.inference import InferenceOptions, optimize  # noqa: E402
+from model.inference import InferenceOptions, frames_to_device, optimize  # noqa: E402
 
 VARIANTS = {
     "ours": InferenceOptions(fold_batch_norm=False, channels_last=False),
@@ -89,6 +90,9 @@ def variant_options(args: argparse.Namespace) -> dict[str, InferenceOptions]:
         variants["ours_compiled"] = InferenceOptions(compile=True)
     if args.autocast:
         variants[f"ours_autocast_{args.autocast}"] = InferenceOptions(dtype=getattr(torch, args.autocast))
+    if args.compile and args.autocast:
+        variants[f"ours_compiled_autocast_{args.autocast}"] = InferenceOptions(
+            compile=True, dtype=getattr(torch, args.autocast))
     return variants
 
 
@@ -129,22 +133,24 @@ def end_to_end_benchmark(args: argparse.Namespace, device: torch.device) -> dict
     report = {"benchmark": "conditional_detr_r50_end_to_end", "input": f"{WIDTH}x{HEIGHT} uint8 RGB frames",
               "steps": "preprocess (resize to 750x1333, normalize, pad) + forward + post_process_object_detection"}
     for batch_size in args.batch_sizes:
-        images = frames(batch_size, HEIGHT, WIDTH)
-        batch = torch.from_numpy(images).to(device)  # (B, H, W, 3), as the pipeline's workers receive frames
-        chw = [frame.permute(2, 0, 1).contiguous() for frame in batch]  # the HF processor's fastest input
+        images = frames(batch_size, HEIGHT, WIDTH)  # (B, H, W, 3) host uint8, as the pipeline's workers receive
+        chw = [frame.permute(2, 0, 1).contiguous() for frame in torch.from_numpy(images)]  # HF's fastest input
         sizes = [(HEIGHT, WIDTH)] * batch_size
 
-        def run_ours(model: torch.nn.Module) -> list[dict]:
-            inputs = processor.preprocess_frames(batch)
+        def run_ours(model: torch.nn.Module, pin_memory: bool = True) -> list[dict]:
+            inputs = processor.preprocess_frames(frames_to_device(images, device, pin_memory))
             outputs = model(inputs["pixel_values"], inputs["pixel_mask"])
             return processor.post_process_object_detection(outputs, threshold=0.5, target_sizes=sizes)
 
         def run_transformers() -> list[dict]:
-            inputs = hf_processor(chw, return_tensors="pt").to(device)
+            inputs = hf_processor(chw, return_tensors="pt", device=device).to(device)
             outputs = hf(**inputs)
             return hf_processor.post_process_object_detection(outputs, threshold=0.5, target_sizes=sizes)
 
         functions = {name: (lambda m=m: run_ours(m)) for name, m in ours.items()}
+        if device.type == "cuda":  # the pinned-memory switch only exists on a GPU
+            functions["ours_fold_bn_channels_last_pageable"] = lambda: run_ours(
+                ours["ours_fold_bn_channels_last"], pin_memory=False)
         functions["transformers"] = run_transformers
         results = best_times(functions, args.repeats, device)
         per_second = {name: round(batch_size * 1000 / value["wall_ms"], 3) for name, value in results.items()}
@@ -154,7 +160,7 @@ def end_to_end_benchmark(args: argparse.Namespace, device: torch.device) -> dict
             "ratio_vs_transformers": ratios(results, ["transformers"]),
             # Same pixel values for all (the processors' outputs differ by PIL-vs-torch rounding, not the models).
             "max_abs_logit_diff_vs_transformers": max_logit_diffs(
-                ours, hf, dict(hf_processor(chw, return_tensors="pt").to(device)))}
+                ours, hf, dict(hf_processor(chw, return_tensors="pt", device=device).to(device)))}
     return report
 
 

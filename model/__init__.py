@@ -13,6 +13,7 @@ _EXPORTS = {
     "ConditionalDetrFeatureExtractor": "model.image_processor",
     "InferenceOptions": "model.inference",
     "optimize": "model.inference",
+    "frames_to_device": "model.inference",
 }
 
 __all__ = list(_EXPORTS)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -99,3 +100,19 @@ def optimize(model: nn.Module, options: InferenceOptions = InferenceOptions()) -
 def _inputs_to_channels_last(module: nn.Module, inputs: tuple) -> tuple:
     pixel_values, *rest = inputs
     return (pixel_values.contiguous(memory_format=torch.channels_last), *rest)
+
+
+def frames_to_device(frames: np.ndarray, device: torch.device | str, pin_memory: bool = True) -> torch.Tensor:
+    """Host uint8 frames -> a tensor on `device` (always a copy: arrays from Ray's object store are read-only).
+
+    To a GPU the frames go through page-locked (pinned) memory and an asynchronous copy: the DMA engine reads
+    pinned pages directly, while a copy from pageable memory is first staged by the driver through a pinned buffer
+    of its own and blocks the host (CUDA C++ Programming Guide, "Page-Locked Host Memory"). PyTorch's caching host
+    allocator keeps the pinned buffer alive until the copy has finished. `pin_memory=False` is the plain copy,
+    kept to measure the difference (bench/bench_model.py)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.from_numpy(np.array(frames))
+    host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=pin_memory)
+    host.numpy()[...] = frames
+    return host.to(device, non_blocking=pin_memory)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import colorsys
 import json
 import math
+import multiprocessing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -220,12 +221,13 @@ def _size(size: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def write_dataset(out_dir: str | Path, n_images: int, size: int | tuple[int, int] = 320, seed: int = 0,
-                  max_objects: int = 6) -> Path:
+                  max_objects: int = 6, workers: int = 1) -> Path:
     """Write a COCO-format shapes dataset:
 
     out_dir/images/NNNNNN.png, out_dir/annotations.json (detection, thing categories only, RLE segmentation),
     out_dir/panoptic/NNNNNN.png and out_dir/panoptic.json (panoptic, all categories). Image i is drawn from the
-    generator seeded with (seed, i), so a dataset is reproducible and datasets with different seeds are disjoint.
+    generator seeded with (seed, i), so a dataset is reproducible and datasets with different seeds are disjoint;
+    `workers` processes render the images in parallel (same files as one).
     """
     if n_images < 1:
         raise ValueError(f"n_images must be at least 1, got {n_images}")
@@ -233,24 +235,35 @@ def write_dataset(out_dir: str | Path, n_images: int, size: int | tuple[int, int
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "panoptic").mkdir(parents=True, exist_ok=True)
+    jobs = [(out_dir, seed, image_id, width, height, max_objects) for image_id in range(n_images)]
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            records = pool.starmap(_write_image, jobs, chunksize=16)
+    else:
+        records = [_write_image(*job) for job in jobs]
     images, detections, panoptic_annotations = [], [], []
-    for image_id in range(n_images):
-        image, truth = render_scene(np.random.default_rng([seed, image_id]), width, height, max_objects)
-        file_name = f"{image_id:06d}.png"
-        Image.fromarray(image).save(out_dir / "images" / file_name)
-        Image.fromarray(id_to_rgb(truth["panoptic"])).save(out_dir / "panoptic" / file_name)
-        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        for obj in truth["objects"]:
-            ann = {k: v for k, v in obj.items() if k != "track"}
-            detections.append({"id": len(detections) + 1, "image_id": image_id, **ann})
-        panoptic_annotations.append({"image_id": image_id, "file_name": file_name,
-                                     "segments_info": truth["segments_info"]})
+    for image, objects, panoptic in records:
+        images.append(image)
+        detections += [{"id": len(detections) + i + 1, "image_id": image["id"], **obj} for i, obj in enumerate(objects)]
+        panoptic_annotations.append(panoptic)
     things = [c for c in CATEGORIES if c["isthing"]]
     (out_dir / "annotations.json").write_text(json.dumps(
         {"images": images, "annotations": detections, "categories": things}))
     (out_dir / "panoptic.json").write_text(json.dumps(
         {"images": images, "annotations": panoptic_annotations, "categories": CATEGORIES}))
     return out_dir
+
+
+def _write_image(out_dir: Path, seed: int, image_id: int, width: int, height: int, max_objects: int
+                 ) -> tuple[dict, list[dict], dict]:
+    """Render image `image_id` of a dataset, save its PNGs; returns its COCO image, objects and panoptic records."""
+    image, truth = render_scene(np.random.default_rng([seed, image_id]), width, height, max_objects)
+    file_name = f"{image_id:06d}.png"
+    Image.fromarray(image).save(out_dir / "images" / file_name)
+    Image.fromarray(id_to_rgb(truth["panoptic"])).save(out_dir / "panoptic" / file_name)
+    objects = [{k: v for k, v in obj.items() if k != "track"} for obj in truth["objects"]]
+    return ({"id": image_id, "file_name": file_name, "width": width, "height": height}, objects,
+            {"image_id": image_id, "file_name": file_name, "segments_info": truth["segments_info"]})
 
 
 def write_sample_video(path: str | Path, seconds: float = 10.0, size: tuple[int, int] = (1280, 720), seed: int = 0,

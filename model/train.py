@@ -114,12 +114,17 @@ def train_one_epoch(model, loader, optimizer, device, clip_max_norm: float, epoc
 
 def train(model_config: dict, options: dict, train_data: str | Path, output_dir: str | Path,
           val_data: str | Path | None = None, resume: str | Path | None = None, device: str = "cpu",
-          max_minutes: float | None = None, panoptic: bool = False, detector: str | Path | None = None) -> Path:
+          max_minutes: float | None = None, panoptic: bool = False, detector: str | Path | None = None,
+          init: str | Path | None = None) -> Path:
     """Train and write the model to `output_dir` (see the module docstring); returns `output_dir`.
 
-    `model_config` is ignored with `detector`, whose own config is kept."""
+    `model_config` is ignored with `detector`, whose own config is kept. `init` starts a detector from a trained
+    one's weights (same config) with a fresh optimizer and learning-rate schedule, unlike `resume`, which continues
+    the interrupted run's schedule."""
     if detector is not None and not panoptic:
         raise ValueError("a frozen detector is only used to train the panoptic mask head: pass panoptic=True")
+    if init is not None and (detector is not None or resume is not None):
+        raise ValueError("init starts a new detector run: it cannot be combined with detector or resume")
     deadline = time.monotonic() + 60 * max_minutes if max_minutes else math.inf
     random.seed(options["seed"])
     np.random.seed(options["seed"])
@@ -128,6 +133,8 @@ def train(model_config: dict, options: dict, train_data: str | Path, output_dir:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     model = build_model(model_config, device, detector)
+    if init is not None:
+        model.load_state_dict(ConditionalDetrForObjectDetection.from_pretrained(init).state_dict())
     processor = make_processor(options["image_size"])
     dataset = (CocoPanoptic if panoptic else CocoDetection)(train_data, make_transforms(True, options["image_size"]))
     batch_size = options["batch_size"]
@@ -181,6 +188,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-data", help="evaluate bbox AP on this set after every epoch")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--resume", help="checkpoint.pth to continue from")
+    parser.add_argument("--init", help="a trained detector directory to start from (weights only: new optimizer "
+                                       "and lr schedule)")
     parser.add_argument("--panoptic", action="store_true",
                         help="train on the panoptic targets (things and stuff); see --detector")
     parser.add_argument("--detector", help="with --panoptic: a trained detector directory; train only the mask "
@@ -197,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     model_config, options = load_run_config(args.config)
     options.update({k: getattr(args, k) for k in TRAIN_DEFAULTS if getattr(args, k) is not None})
     out = train(model_config, options, args.data, args.output_dir, args.val_data, args.resume, args.device,
-                args.max_minutes, args.panoptic, args.detector)
+                args.max_minutes, args.panoptic, args.detector, args.init)
     print(f"model written to {out}")
     return 0
 

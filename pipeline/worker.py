@@ -13,7 +13,7 @@ import torch
 
 from model import ConditionalDetrForObjectDetection, ConditionalDetrForSegmentation, ConditionalDetrImageProcessor
 from model.image_size import get_resize_output_size
-from model.inference import optimize
+from model.inference import frames_to_device, optimize
 from model.panoptic import panoptic_to_coco
 from model.post_processing import post_process_detection_masks
 from model.shapes import CATEGORIES as SHAPES_CATEGORIES
@@ -145,8 +145,7 @@ class DetectorWorker:
         """One batch: chunk `i` holds the frames of `infos[i]`. Returns FrameResults per chunk, in order."""
         started = time.time()
         device = self.detector.device
-        # Object-store arrays are read-only; one copy per chunk onto the model's device.
-        frames = [f for chunk in chunks for f in torch.from_numpy(np.array(chunk)).to(device)]
+        frames = [f for chunk in chunks for f in frames_to_device(chunk, device)]
         frames_of = [(info.source_id, m) for info in infos for m in info.frames]
         outputs, timings = self.detector(frames, [(m.height, m.width) for _, m in frames_of])
         results = [FrameResult(source_id=source_id, frame_index=m.frame_index, pts=m.pts, captured_at=m.captured_at,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from transformers import ConditionalDetrConfig as HFConfig
@@ -17,7 +18,7 @@ from hf_reference import SMALL, make_hf_detector, padded_batch, randomize_, save
 from model.backbone import ConvEncoder, FrozenBatchNorm2d
 from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig
-from model.inference import InferenceOptions, fold_batch_norm, optimize
+from model.inference import InferenceOptions, fold_batch_norm, frames_to_device, optimize
 from model.segmentation import ConditionalDetrForSegmentation
 
 TOLERANCE = 1e-4
@@ -73,3 +74,13 @@ def test_optimized_segmentation_model_matches_unoptimized(tmp_path):
         out = optimize(copy.deepcopy(model))(*batch)
     torch.testing.assert_close(out.logits, expected.logits, atol=TOLERANCE, rtol=0)
     torch.testing.assert_close(out.pred_masks, expected.pred_masks, atol=TOLERANCE, rtol=0)
+
+
+def test_frames_to_device_copies_read_only_frames():
+    frames = np.arange(2 * 4 * 6 * 3, dtype=np.uint8).reshape(2, 4, 6, 3)
+    frames.flags.writeable = False  # as arrays from Ray's object store arrive
+    moved = frames_to_device(frames, "cpu")
+    assert moved.dtype == torch.uint8 and moved.shape == (2, 4, 6, 3)
+    assert np.array_equal(moved.numpy(), frames)
+    moved[0, 0, 0, 0] = 255  # a copy: writable, and the source is untouched
+    assert frames[0, 0, 0, 0] == 0

@@ -78,6 +78,13 @@ def test_write_dataset(tmp_path):
     assert (again / "images" / "000000.png").read_bytes() == (out / "images" / "000000.png").read_bytes()
 
 
+def test_write_dataset_in_parallel_writes_the_same_files(tmp_path):
+    one = shapes.write_dataset(tmp_path / "one", n_images=5, size=(64, 48), seed=7)
+    two = shapes.write_dataset(tmp_path / "two", n_images=5, size=(64, 48), seed=7, workers=2)
+    for name in ["annotations.json", "panoptic.json", "images/000004.png", "panoptic/000003.png"]:
+        assert (one / name).read_bytes() == (two / name).read_bytes()
+
+
 def test_bad_sizes_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="even"):
         shapes.write_dataset(tmp_path, 1, size=(63, 48))

@@ -71,6 +71,20 @@ def test_train_writes_a_model_resumes_and_evaluates(tiny_data, tmp_path):
     assert metrics["num_images"] == 4 and 0.0 <= metrics["bbox"]["AP"] <= 1.0
 
 
+def test_init_starts_from_trained_weights_with_a_new_schedule(tiny_data, tmp_path):
+    options = {**TRAIN_DEFAULTS, "epochs": 1, "batch_size": 2, "lr": 1e-3, "image_size": 64, "lr_drop": 1}
+    first = train(TINY, options, tiny_data, tmp_path / "first")
+    again = train(TINY, {**options, "lr": 0.0, "lr_backbone": 0.0}, tiny_data, tmp_path / "again", init=first)
+    trained = ConditionalDetrForObjectDetection.from_pretrained(first).state_dict()
+    continued = ConditionalDetrForObjectDetection.from_pretrained(again).state_dict()
+    # lr 0: AdamW leaves the weights (decay is scaled by lr too); batch-norm statistics still move in train mode.
+    weights = [k for k in trained if "running" not in k and "num_batches" not in k]
+    assert all(torch.equal(trained[k], continued[k]) for k in weights)
+    assert torch.load(again / "checkpoint.pth", weights_only=True)["epoch"] == 1
+    with pytest.raises(ValueError, match="init"):
+        train(TINY, options, tiny_data, tmp_path / "bad", init=first, resume=first / "checkpoint.pth")
+
+
 def test_deadline_stops_and_saves(tiny_data, tmp_path):
     options = {**TRAIN_DEFAULTS, "epochs": 5, "batch_size": 2, "image_size": 64}
     out = train(TINY, options, tiny_data, tmp_path / "run", max_minutes=1e-6)
