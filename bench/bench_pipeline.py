@@ -1,13 +1,14 @@
 """Pipeline throughput: N concurrent 720p file sources through the Ray pipeline vs a naive sequential loop.
 
-Both run in the same process on the same videos, model and Redis (a private redis-server on a free port):
+All run in the same process on the same videos, weights and Redis (a private redis-server on a free port):
   naive     for each video in turn, one frame at a time: PyAV decode at full size -> preprocess (torch resize)
-            -> model -> post-process -> one XADD
+            -> model -> post-process -> one XADD, with our Detector (optimized model)
+  naive_transformers  the same loop with the reference: transformers' processor, model and post-processing
   pipeline  `run_job`: a StreamDecoder actor per source (swscale to model size), batches across sources,
             DetectorWorker actor(s), pipelined XADDs
 Reports frames/s of each (wall time from the first frame requested to the last result in Redis; the pipeline's
 includes starting its actors, so it also reports `steady_fps`, from its first result to its last), the ratios
-pipeline / naive, and the pipeline's per-source summary. Prints JSON.
+pipeline / each naive loop, and the pipeline's per-source summary. Prints JSON.
 Both run the model with `--threads` torch threads (the pipeline worker reserves that many Ray CPUs): on a shared
 machine more intra-op threads than free cores make every forward pass several times slower and noisier.
 
@@ -23,10 +24,12 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import av  # noqa: E402
+import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
@@ -35,31 +38,65 @@ from pipeline.config import DEFAULT_MODEL_PATH, ModelSettings, PipelineConfig  #
 from pipeline.demo import save_random_tiny_model  # noqa: E402
 from pipeline.redis_server import start_redis_server  # noqa: E402
 from pipeline.runner import Job  # noqa: E402
-from pipeline.schema import FrameResult  # noqa: E402
+from model.image_processor import ConditionalDetrImageProcessor  # noqa: E402
+from pipeline.schema import Detection, FrameResult  # noqa: E402
 from pipeline.sink import RedisSink, connect  # noqa: E402
-from pipeline.worker import Detector  # noqa: E402
+from pipeline.worker import Detector, load_model  # noqa: E402
 
 SIZE = (1280, 720)
 
 
-def naive(videos: list[Path], settings: ModelSettings, sink: RedisSink) -> dict:
+Infer = Callable[[np.ndarray], tuple[list[Detection], dict]]
+
+
+def naive(videos: list[Path], infer: Infer, name: str, sink: RedisSink) -> dict:
     """The loop a first version would be: no batching, no overlap, full-size frames into the processor."""
-    detector = Detector(settings, "cuda" if torch.cuda.is_available() else "cpu")
     frames = 0
     started = time.perf_counter()
     for video in videos:
         with av.open(str(video)) as container:
             for index, frame in enumerate(container.decode(video=0)):
                 decoded = time.time()
-                image = torch.from_numpy(frame.to_ndarray(format="rgb24")).to(detector.device)
-                [(detections, _)], timings = detector([image], [(frame.height, frame.width)])
-                result = FrameResult(source_id=f"naive-{video.stem}", frame_index=index, pts=frame.time,
-                                     captured_at=decoded, width=frame.width, height=frame.height,
-                                     model=detector.name, detections=detections, timings_ms=timings)
+                detections, timings = infer(frame.to_ndarray(format="rgb24"))
+                result = FrameResult(source_id=f"naive-{name}-{video.stem}", frame_index=index, pts=frame.time,
+                                     captured_at=decoded, width=frame.width, height=frame.height, model=name,
+                                     detections=detections, timings_ms=timings)
                 sink.write_frames([result])
                 frames += 1
     seconds = time.perf_counter() - started
     return {"frames": frames, "seconds": round(seconds, 2), "fps": round(frames / seconds, 2)}
+
+
+def ours_infer(settings: ModelSettings) -> Infer:
+    """One frame through our Detector (the pipeline worker's model, processor and post-processing)."""
+    detector = Detector(settings, "cuda" if torch.cuda.is_available() else "cpu")
+
+    def infer(image: np.ndarray) -> tuple[list[Detection], dict]:
+        [(detections, _)], timings = detector([torch.from_numpy(image).to(detector.device)], [image.shape[:2]])
+        return detections, timings
+    return infer
+
+
+def transformers_infer(settings: ModelSettings, work: Path) -> Infer:
+    """One frame through the reference: transformers' processor, model and post-processing, same weights."""
+    from transformers import ConditionalDetrForObjectDetection as HFDetection
+    from transformers import ConditionalDetrImageProcessor as HFProcessor
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    load_model(settings).save_pretrained(work / "hf")
+    ConditionalDetrImageProcessor.from_pretrained(settings.path).save_pretrained(work / "hf")
+    model = HFDetection.from_pretrained(work / "hf").eval().to(device)
+    processor = HFProcessor.from_pretrained(work / "hf")
+
+    @torch.inference_mode()
+    def infer(image: np.ndarray) -> tuple[list[Detection], dict]:
+        inputs = processor(torch.from_numpy(image).permute(2, 0, 1), return_tensors="pt", device=device).to(device)
+        [result] = processor.post_process_object_detection(model(**inputs), threshold=settings.threshold,
+                                                           target_sizes=[image.shape[:2]])
+        return [Detection(label=label, label_name=model.config.id2label.get(label, str(label)), score=score,
+                          box=tuple(box)) for score, label, box in zip(
+            result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist())], {}
+    return infer
 
 
 def pipeline(videos: list[Path], settings: ModelSettings, redis_url: str, args: argparse.Namespace) -> dict:
@@ -105,7 +142,9 @@ def main() -> None:
         ray.init(num_cpus=os.cpu_count(), num_gpus=1 if torch.cuda.is_available() else 0,
                  include_dashboard=False, log_to_driver=False)
         torch.set_num_threads(args.threads)
-        naive_result = naive(videos, settings, RedisSink(connect(redis_url), "bench"))
+        sink = RedisSink(connect(redis_url), "bench")
+        naive_result = naive(videos, ours_infer(settings), "ours", sink)
+        reference_result = naive(videos, transformers_infer(settings, work), "transformers", sink)
         pipeline_result = pipeline(videos, settings, redis_url, args)
     finally:
         ray.shutdown()
@@ -114,9 +153,12 @@ def main() -> None:
         "bench": "pipeline", "sources": args.sources, "source_size": list(SIZE), "seconds_per_source": args.seconds,
         "model": str(model_path), "random_weights": random_weights, "batch_size": args.batch_size,
         "threads": args.threads, "workers": args.workers,
-        "naive": naive_result, "pipeline": pipeline_result,
+        "naive": naive_result, "naive_transformers": reference_result, "pipeline": pipeline_result,
         "ratio_fps_pipeline_over_naive": round(pipeline_result["fps"] / naive_result["fps"], 2),
         "ratio_steady_fps_pipeline_over_naive": round(pipeline_result["steady_fps"] / naive_result["fps"], 2),
+        "ratio_fps_pipeline_over_naive_transformers": round(pipeline_result["fps"] / reference_result["fps"], 2),
+        "ratio_steady_fps_pipeline_over_naive_transformers": round(
+            pipeline_result["steady_fps"] / reference_result["fps"], 2),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "versions": {"torch": torch.__version__, "ray": ray.__version__, "av": av.__version__},
