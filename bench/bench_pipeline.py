@@ -9,8 +9,9 @@ All run in the same process on the same videos, weights and Redis (a private red
 Reports frames/s of each (wall time from the first frame requested to the last result in Redis; the pipeline's
 includes starting its actors, so it also reports `steady_fps`, from its first result to its last), the ratios
 pipeline / each naive loop, and the pipeline's per-source summary. Prints JSON.
-Both run the model with `--threads` torch threads (the pipeline worker reserves that many Ray CPUs): on a shared
-machine more intra-op threads than free cores make every forward pass several times slower and noisier.
+Each pipeline worker runs the model with `--threads` torch threads (and reserves that many Ray CPUs); the naive loops
+get `--threads` x `--workers` threads, the same cores. On a shared machine more intra-op threads than free cores make
+every forward pass several times slower and noisier.
 
     python bench/bench_pipeline.py [--sources 4] [--seconds 8] [--batch-size 8] [--threads 1] [--workers 1]
                                    [--num-gpus 0]
@@ -123,7 +124,7 @@ def main() -> None:
     parser.add_argument("--sources", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each 25 fps source video")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the model, naive and pipeline")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per pipeline worker (the naive loops: threads x workers)")
     parser.add_argument("--workers", type=int, default=1, help="DetectorWorker actors (model replicas)")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per pipeline worker")
     args = parser.parse_args()
@@ -141,7 +142,8 @@ def main() -> None:
     try:
         ray.init(num_cpus=os.cpu_count(), num_gpus=1 if torch.cuda.is_available() else 0,
                  include_dashboard=False, log_to_driver=False)
-        torch.set_num_threads(args.threads)
+        # The sequential loops get the intra-op threads of all pipeline workers together: the same cores.
+        torch.set_num_threads(min(args.threads * args.workers, os.cpu_count()))
         sink = RedisSink(connect(redis_url), "bench")
         naive_result = naive(videos, ours_infer(settings), "ours", sink)
         reference_result = naive(videos, transformers_infer(settings, work), "transformers", sink)
@@ -152,7 +154,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "pipeline", "sources": args.sources, "source_size": list(SIZE), "seconds_per_source": args.seconds,
         "model": str(model_path), "random_weights": random_weights, "batch_size": args.batch_size,
-        "threads": args.threads, "workers": args.workers,
+        "threads": args.threads, "workers": args.workers, "naive_threads": torch.get_num_threads(),
         "naive": naive_result, "naive_transformers": reference_result, "pipeline": pipeline_result,
         "ratio_fps_pipeline_over_naive": round(pipeline_result["fps"] / naive_result["fps"], 2),
         "ratio_steady_fps_pipeline_over_naive": round(pipeline_result["steady_fps"] / naive_result["fps"], 2),
