@@ -227,7 +227,8 @@ def write_dataset(out_dir: str | Path, n_images: int, size: int | tuple[int, int
     out_dir/images/NNNNNN.png, out_dir/annotations.json (detection, thing categories only, RLE segmentation),
     out_dir/panoptic/NNNNNN.png and out_dir/panoptic.json (panoptic, all categories). Image i is drawn from the
     generator seeded with (seed, i), so a dataset is reproducible and datasets with different seeds are disjoint;
-    `workers` processes render the images in parallel (same files as one).
+    `workers` processes render the images in parallel (same files as one). They are spawned, so a script that
+    passes workers > 1 must call this under `if __name__ == "__main__":` (`python -c` needs nothing).
     """
     if n_images < 1:
         raise ValueError(f"n_images must be at least 1, got {n_images}")
