@@ -87,6 +87,20 @@ def build_model(model_config: dict, device: str, detector: str | Path | None = N
     return model.to(device)
 
 
+def load_initial_weights(model: torch.nn.Module, init: str | Path) -> None:
+    """`--init`: a detector takes all weights of a trained detector; a segmentation model (stage 2) takes the mask
+    head of a trained panoptic model and keeps its own (newer) detector, so a head trained on an earlier detector
+    is fine-tuned instead of relearned from scratch."""
+    if isinstance(model, ConditionalDetrForObjectDetection):
+        model.load_state_dict(ConditionalDetrForObjectDetection.from_pretrained(init).state_dict())
+        return
+    from model.segmentation import ConditionalDetrForSegmentation
+
+    trained = ConditionalDetrForSegmentation.from_pretrained(init)
+    model.bbox_attention.load_state_dict(trained.bbox_attention.state_dict())
+    model.mask_head.load_state_dict(trained.mask_head.state_dict())
+
+
 def train_one_epoch(model, loader, optimizer, device, clip_max_norm: float, epoch: int, log,
                     deadline: float = math.inf) -> bool:
     """One pass over `loader`; returns False when the deadline stopped it early."""
@@ -118,13 +132,13 @@ def train(model_config: dict, options: dict, train_data: str | Path, output_dir:
           init: str | Path | None = None) -> Path:
     """Train and write the model to `output_dir` (see the module docstring); returns `output_dir`.
 
-    `model_config` is ignored with `detector`, whose own config is kept. `init` starts a detector from a trained
-    one's weights (same config) with a fresh optimizer and learning-rate schedule, unlike `resume`, which continues
-    the interrupted run's schedule."""
+    `model_config` is ignored with `detector`, whose own config is kept. `init` starts from a trained model's
+    weights (same config; see `load_initial_weights`) with a fresh optimizer and learning-rate schedule, unlike
+    `resume`, which continues the interrupted run's schedule."""
     if detector is not None and not panoptic:
         raise ValueError("a frozen detector is only used to train the panoptic mask head: pass panoptic=True")
-    if init is not None and (detector is not None or resume is not None):
-        raise ValueError("init starts a new detector run: it cannot be combined with detector or resume")
+    if init is not None and resume is not None:
+        raise ValueError("init starts a new run from trained weights: it cannot be combined with resume")
     deadline = time.monotonic() + 60 * max_minutes if max_minutes else math.inf
     random.seed(options["seed"])
     np.random.seed(options["seed"])
@@ -134,7 +148,7 @@ def train(model_config: dict, options: dict, train_data: str | Path, output_dir:
 
     model = build_model(model_config, device, detector)
     if init is not None:
-        model.load_state_dict(ConditionalDetrForObjectDetection.from_pretrained(init).state_dict())
+        load_initial_weights(model, init)
     processor = make_processor(options["image_size"])
     dataset = (CocoPanoptic if panoptic else CocoDetection)(train_data, make_transforms(True, options["image_size"]))
     batch_size = options["batch_size"]
@@ -188,8 +202,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-data", help="evaluate bbox AP on this set after every epoch")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--resume", help="checkpoint.pth to continue from")
-    parser.add_argument("--init", help="a trained detector directory to start from (weights only: new optimizer "
-                                       "and lr schedule)")
+    parser.add_argument("--init", help="a trained model directory to start from (weights only: new optimizer "
+                                       "and lr schedule); with --detector, a panoptic model whose mask head is "
+                                       "fine-tuned on that detector")
     parser.add_argument("--panoptic", action="store_true",
                         help="train on the panoptic targets (things and stuff); see --detector")
     parser.add_argument("--detector", help="with --panoptic: a trained detector directory; train only the mask "

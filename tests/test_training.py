@@ -127,3 +127,14 @@ def test_panoptic_two_stage_training(tiny_data, tmp_path):
     assert steps and set(steps[0]) >= {"loss_mask", "loss_dice"} and "loss_ce" not in steps[0]
     metrics = evaluate(model, ConditionalDetrImageProcessor.from_pretrained(out), tiny_data, batch_size=2)
     assert {"bbox", "segm", "panoptic"} <= set(metrics) and 0.0 <= metrics["panoptic"]["PQ"] <= 1.0
+
+    # --init with --detector: the mask head starts from a trained panoptic model, the detector is --detector's
+    newer = train(config, {**options, "seed": 1}, tiny_data, tmp_path / "newer", panoptic=True)
+    again = train({}, {**options, "lr": 0.0}, tiny_data, tmp_path / "again", panoptic=True, detector=newer,
+                  init=out)
+    warm = ConditionalDetrForSegmentation.from_pretrained(again)
+    for head in ("bbox_attention", "mask_head"):
+        trained_head, warm_head = getattr(model, head).state_dict(), getattr(warm, head).state_dict()
+        assert all(torch.equal(v, warm_head[k]) for k, v in trained_head.items())
+    newer_weights = ConditionalDetrForObjectDetection.from_pretrained(newer).state_dict()
+    assert all(torch.equal(v, warm.conditional_detr.state_dict()[k]) for k, v in newer_weights.items())
