@@ -86,6 +86,28 @@ def encode_video(path: Path, frames: int, size: tuple[int, int], fps: int = 10, 
     return path
 
 
+def wait_for(condition, timeout: float = 120.0, what: str = "condition", interval: float = 0.1) -> None:
+    """Poll `condition()` until it is true; fail the test naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(interval)
+
+
+def detect_still(tmp_path: Path, pixels: np.ndarray, model: Path, *flags: str):
+    """`cdetr detect` on one image written from `pixels`, threshold 0 (an untrained model still reports
+    detections), output under `tmp_path/out`: the image's FrameResult."""
+    from PIL import Image
+
+    from pipeline.cli import main
+    from pipeline.schema import FrameResult
+
+    image, out = tmp_path / "still.png", tmp_path / "out"
+    Image.fromarray(pixels).save(image)
+    assert main(["detect", str(image), "--model", str(model), *flags, "--threshold", "0", "--out", str(out)]) == 0
+    return FrameResult.model_validate_json((out / "still.json").read_text())
+
+
 def count_frames(path: Path) -> int:
     import av
 
@@ -100,10 +122,7 @@ def http_server(tmp_path_factory):
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
                                 "--directory", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not is_listening("127.0.0.1", port):
-        assert time.monotonic() < deadline, "http.server did not start"
-        time.sleep(0.05)
+    wait_for(lambda: is_listening("127.0.0.1", port), 10, "http.server to listen", 0.05)
     yield {"dir": directory, "url": f"http://127.0.0.1:{port}"}
     process.terminate()
     process.wait(timeout=10)

@@ -137,24 +137,20 @@ def corrupt(hf_checkpoint, tmp_path, edit):
     return tmp_path
 
 
-def test_shape_mismatch_names_key_and_shapes(hf_checkpoint, tmp_path):
-    def edit(t):
-        t["class_labels_classifier.weight"] = torch.zeros(9, 256)
-    with pytest.raises(ValueError, match=r"class_labels_classifier\.weight: checkpoint \(9, 256\) vs model \(7, 256\)"):
-        ConditionalDetrForObjectDetection.from_pretrained(corrupt(hf_checkpoint, tmp_path, edit))
+def _set_key(name: str, value: torch.Tensor):
+    return lambda tensors: tensors.__setitem__(name, value)
 
 
-def test_missing_key_is_named(hf_checkpoint, tmp_path):
-    def edit(t):
-        del t["model.decoder.layers.0.ca_qpos_proj.weight"]
-    with pytest.raises(ValueError, match=r"1 missing key\(s\) \[model\.decoder\.layers\.0\.ca_qpos_proj\.weight\]"):
-        ConditionalDetrForObjectDetection.from_pretrained(corrupt(hf_checkpoint, tmp_path, edit))
-
-
-def test_unexpected_key_is_named(hf_checkpoint, tmp_path):
-    def edit(t):
-        t["model.decoder.layers.1.ca_qpos_proj.weight"] = torch.zeros(256, 256)
-    with pytest.raises(ValueError, match=r"1 unexpected key\(s\) \[model\.decoder\.layers\.1\.ca_qpos_proj\.weight\]"):
+@pytest.mark.parametrize("edit, message", [
+    (_set_key("class_labels_classifier.weight", torch.zeros(9, 256)),
+     r"class_labels_classifier\.weight: checkpoint \(9, 256\) vs model \(7, 256\)"),
+    (lambda tensors: tensors.pop("model.decoder.layers.0.ca_qpos_proj.weight"),
+     r"1 missing key\(s\) \[model\.decoder\.layers\.0\.ca_qpos_proj\.weight\]"),
+    (_set_key("model.decoder.layers.1.ca_qpos_proj.weight", torch.zeros(256, 256)),
+     r"1 unexpected key\(s\) \[model\.decoder\.layers\.1\.ca_qpos_proj\.weight\]"),
+], ids=["wrong shape", "missing key", "unexpected key"])
+def test_bad_keys_are_named(hf_checkpoint, tmp_path, edit, message):
+    with pytest.raises(ValueError, match=message):
         ConditionalDetrForObjectDetection.from_pretrained(corrupt(hf_checkpoint, tmp_path, edit))
 
 

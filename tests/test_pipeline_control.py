@@ -3,11 +3,10 @@
 import base64
 import json
 import threading
-import time
 
 import numpy as np
 
-from conftest import count_frames, encode_video
+from conftest import count_frames, encode_video, wait_for
 from model.panoptic import decode_id_png
 from pipeline.cli import main
 from pipeline.config import PipelineConfig
@@ -16,13 +15,6 @@ from pipeline.schema import FrameResult
 from pipeline.sink import RedisSink
 
 PREFIX = "ctl"
-
-
-def wait_for(condition, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
 
 
 def stream(sink: RedisSink, source_id: str) -> list[tuple[str, dict]]:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import TINY_MODEL_SIZE
+from conftest import TINY_MODEL_SIZE, detect_still
 from model.image_processor import get_resize_output_size
 from model.panoptic import decode_id_png
 from pipeline.cli import main
@@ -37,12 +37,7 @@ def test_detect_with_a_missing_model_is_a_clear_error(tmp_path, capsys):
 
 
 def test_detect_panoptic_gives_a_coco_png_and_segments(tmp_path, tiny_panoptic_model, tiny_model, capsys):
-    image = tmp_path / "wide.png"
-    Image.fromarray(np.full((60, 150, 3), 90, np.uint8)).save(image)
-    out = tmp_path / "out"
-    assert main(["detect", str(image), "--model", str(tiny_panoptic_model), "--panoptic", "--threshold", "0",
-                 "--out", str(out)]) == 0
-    result = FrameResult.model_validate_json((out / "wide.json").read_text())
+    result = detect_still(tmp_path, np.full((60, 150, 3), 90, np.uint8), tiny_panoptic_model, "--panoptic")
     # The PNG is at model input size: 60x150 scaled to the tiny model's 96 px longest edge.
     ids = decode_id_png(base64.b64decode(result.panoptic.png))
     assert ids.shape == get_resize_output_size(60, 150, TINY_MODEL_SIZE) == (38, 96)
@@ -50,7 +45,7 @@ def test_detect_panoptic_gives_a_coco_png_and_segments(tmp_path, tiny_panoptic_m
     for segment in result.panoptic.segments:
         assert segment.area == (ids == segment.id).sum() and segment.label_name
     # A detection checkpoint has no panoptic head: a clear error before any work.
-    assert main(["detect", str(image), "--model", str(tiny_model), "--panoptic"]) == 2
+    assert main(["detect", str(tmp_path / "still.png"), "--model", str(tiny_model), "--panoptic"]) == 2
     assert "ConditionalDetrForSegmentation" in capsys.readouterr().err
 
 

@@ -10,20 +10,13 @@ import time
 
 import pytest
 
-from conftest import encode_video, free_port
+from conftest import encode_video, free_port, wait_for
 from pipeline.config import PipelineConfig
 from pipeline.redis_server import start_redis_server
 from pipeline.runner import Job
 from pipeline.sink import RedisSink, connect
 
 PREFIX = "faults"
-
-
-def wait_for(condition, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def frame_indices(sink: RedisSink, source_id: str) -> list[int]:

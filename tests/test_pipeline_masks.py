@@ -5,15 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from pycocotools import mask as coco_mask
 
+from conftest import detect_still
 from model import ConditionalDetrForSegmentation, ConditionalDetrImageProcessor
 from model.panoptic import rle_to_mask
 from model.post_processing import post_process_detection_masks, post_process_object_detection
 from pipeline.cli import main
 from pipeline.config import ModelSettings, load_config
-from pipeline.schema import FrameResult
 from pipeline.worker import Detector, check_model_path
 
 
@@ -88,17 +87,13 @@ def test_detector_attaches_a_decodable_mask_to_every_detection(tiny_panoptic_mod
 
 
 def test_cdetr_detect_instance_masks_and_errors(tmp_path, tiny_panoptic_model, tiny_model, capsys):
-    image = tmp_path / "still.png"
-    Image.fromarray(np.full((50, 70, 3), 120, np.uint8)).save(image)
-    out = tmp_path / "out"
-    assert main(["detect", str(image), "--model", str(tiny_panoptic_model), "--instance-masks", "--threshold", "0",
-                 "--out", str(out)]) == 0
-    result = FrameResult.model_validate_json((out / "still.json").read_text())
+    result = detect_still(tmp_path, np.full((50, 70, 3), 120, np.uint8), tiny_panoptic_model, "--instance-masks")
     assert result.detections and all(_decode_with_pycocotools(d.mask).shape == (50, 70) for d in result.detections)
-    assert isinstance(json.loads((out / "still.json").read_text())["detections"][0]["mask"]["counts"], str)
+    assert isinstance(json.loads((tmp_path / "out" / "still.json").read_text())["detections"][0]["mask"]["counts"],
+                      str)
     capsys.readouterr()
     # A detection checkpoint has no mask head: a clear error before any work, from `detect` and from `run`.
-    assert main(["detect", str(image), "--model", str(tiny_model), "--instance-masks"]) == 2
+    assert main(["detect", str(tmp_path / "still.png"), "--model", str(tiny_model), "--instance-masks"]) == 2
     assert "instance masks" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "video.mp4"), "--model", str(tiny_model), "--instance-masks"]) == 2
     assert "ConditionalDetrForSegmentation" in capsys.readouterr().err

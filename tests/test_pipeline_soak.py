@@ -9,7 +9,7 @@ import subprocess
 import threading
 import time
 
-from conftest import encode_video, free_port
+from conftest import encode_video, free_port, wait_for
 from pipeline.config import PipelineConfig
 from pipeline.redis_server import start_redis_server
 from pipeline.runner import Job
@@ -62,10 +62,8 @@ def test_soak_eight_live_sources_hold_memory_and_keep_flowing(tmp_path, ray_sess
     thread = threading.Thread(target=lambda: summary.update(job.run()), daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 60
-        while not all(sink.client.exists(sink.frames_key(f"cam{i}")) for i in range(SOURCES)):
-            assert time.monotonic() < deadline, "not every source started"
-            time.sleep(0.5)
+        wait_for(lambda: all(sink.client.exists(sink.frames_key(f"cam{i}")) for i in range(SOURCES)), 60,
+                 "every source to start", 0.5)
         pids = {"driver": os.getpid(), "redis-server": server.pid,
                 **{f"worker{i}": pid_of(w) for i, w in enumerate(job.workers)},
                 **{f"decoder-{s}": pid_of(run.decoder) for s, run in list(job.sources.items())}}
