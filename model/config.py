@@ -71,6 +71,9 @@ class ConditionalDetrConfig:
     frozen_batch_norm: bool = True
     # False = DETR's cross-attention (content + position added, one head dim), for the convergence study.
     conditional_cross_attention: bool = True
+    # Labels that panoptic post-processing fuses into one segment per class (COCO panoptic's "stuff"). Not an HF
+    # field: HF checkpoints do not say which classes are stuff; `cdetr train --panoptic` records them here.
+    stuff_labels: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -129,6 +132,10 @@ class ConditionalDetrConfig:
         if self.activation_function not in ACTIVATIONS:
             raise ValueError(f"unknown activation_function {self.activation_function!r}; "
                              f"expected one of {', '.join(ACTIVATIONS)}")
+        self.stuff_labels = sorted(int(label) for label in self.stuff_labels)
+        unknown = set(self.stuff_labels) - set(self.id2label)
+        if unknown:
+            raise ValueError(f"stuff_labels {sorted(unknown)} are not in id2label (labels 0..{self.num_labels - 1})")
         if self.position_embedding_type not in POSITION_EMBEDDINGS:
             raise ValueError(f"unknown position_embedding_type {self.position_embedding_type!r}; "
                              f"expected one of {', '.join(POSITION_EMBEDDINGS)}")

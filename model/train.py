@@ -151,6 +151,9 @@ def train(model_config: dict, options: dict, train_data: str | Path, output_dir:
         load_initial_weights(model, init)
     processor = make_processor(options["image_size"])
     dataset = (CocoPanoptic if panoptic else CocoDetection)(train_data, make_transforms(True, options["image_size"]))
+    if panoptic:  # what the panoptic post-processing of this model must fuse (the checkpoint is the only record)
+        model.config.stuff_labels = [label for label, isthing in dataset.isthing.items() if not isthing]
+        model.config.validate()
     batch_size = options["batch_size"]
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
                         collate_fn=Collator(processor), num_workers=options["num_workers"])

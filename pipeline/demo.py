@@ -8,7 +8,7 @@ from pathlib import Path
 
 from model import (ConditionalDetrConfig, ConditionalDetrForObjectDetection, ConditionalDetrForSegmentation,
                    ConditionalDetrImageProcessor)
-from model.shapes import ID2LABEL, write_sample_video
+from model.shapes import ID2LABEL, STUFF_IDS, write_sample_video
 from pipeline.config import DEFAULT_MODEL_PATH, PipelineConfig
 from pipeline.redis_server import resolve_redis_url
 from pipeline.render import render_video
@@ -31,7 +31,8 @@ def save_random_tiny_model(directory: Path, size: dict[str, int], panoptic: bool
     config = ConditionalDetrConfig(backbone="resnet18", d_model=d_model, encoder_layers=1, decoder_layers=1,
                                    encoder_attention_heads=heads, decoder_attention_heads=heads,
                                    encoder_ffn_dim=2 * d_model, decoder_ffn_dim=2 * d_model, num_queries=10,
-                                   id2label=ID2LABEL, frozen_batch_norm=False)
+                                   id2label=ID2LABEL, frozen_batch_norm=False,
+                                   stuff_labels=STUFF_IDS if panoptic else [])
     model_class = ConditionalDetrForSegmentation if panoptic else ConditionalDetrForObjectDetection
     model_class(config).eval().save_pretrained(directory)
     ConditionalDetrImageProcessor(size=size).save_pretrained(directory)

@@ -16,7 +16,6 @@ from model.image_size import get_resize_output_size
 from model.inference import frames_to_device, optimize
 from model.panoptic import panoptic_to_coco
 from model.post_processing import post_process_detection_masks
-from model.shapes import CATEGORIES as SHAPES_CATEGORIES
 from pipeline.config import ModelSettings
 from pipeline.decoder import ChunkInfo
 from pipeline.schema import RLE, Detection, FrameResult, Panoptic, Segment
@@ -60,13 +59,6 @@ def load_model(settings: ModelSettings) -> torch.nn.Module:
     return ConditionalDetrForObjectDetection.from_pretrained(path)
 
 
-def stuff_label_ids(id2label: dict[int, str]) -> set[int]:
-    """Labels merged into one panoptic segment per class. Checkpoints do not record which classes are stuff, so
-    this uses the shapes dataset's categories, matched by name (a model with other labels fuses nothing)."""
-    stuff_names = {c["name"] for c in SHAPES_CATEGORIES if not c["isthing"]}
-    return {label for label, name in id2label.items() if name in stuff_names}
-
-
 class Detector:
     def __init__(self, settings: ModelSettings, device: str = "cpu"):
         self.settings = settings
@@ -76,7 +68,8 @@ class Detector:
         # (bench/RESULTS.md); optimize() also puts the model in eval mode.
         self.model = optimize(load_model(settings).to(self.device))
         self.id2label: dict[int, str] = self.model.config.id2label
-        self.stuff = stuff_label_ids(self.id2label)
+        # Merged into one panoptic segment per class; a checkpoint that does not record them fuses nothing.
+        self.stuff = set(self.model.config.stuff_labels)
         self.name = Path(settings.path).name
 
     @torch.inference_mode()

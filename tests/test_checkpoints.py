@@ -216,11 +216,12 @@ def test_reads_v5_config_json(tmp_path):
 
 def test_written_config_loads_in_transformers(tmp_path):
     ours = ConditionalDetrConfig(backbone="resnet18", d_model=128, num_queries=20, encoder_layers=3,
-                                 id2label={0: "N/A", 1: "circle"}, frozen_batch_norm=False)
+                                 id2label={0: "N/A", 1: "circle", 2: "sky"}, frozen_batch_norm=False,
+                                 stuff_labels=[2])
     ours.save_pretrained(tmp_path)
     hf = HFConfig.from_pretrained(tmp_path)
     assert hf.backbone_config.backbone == "resnet18" and hf.d_model == 128 and hf.num_queries == 20
-    assert hf.id2label == {0: "N/A", 1: "circle"} and hf.encoder_layers == 3
+    assert hf.id2label == {0: "N/A", 1: "circle", 2: "sky"} and hf.encoder_layers == 3
     assert ConditionalDetrConfig.from_pretrained(tmp_path) == ours
 
 
@@ -235,6 +236,7 @@ def test_written_config_loads_in_transformers(tmp_path):
     ({"use_timm_backbone": False}, "HF ResNet"),
     ({"model_type": "detr"}, "expected 'conditional_detr'"),
     ({"backbone_config": {"model_type": "resnet"}}, "unsupported backbone_config"),
+    ({"num_labels": 3, "stuff_labels": [2, 5]}, r"stuff_labels \[5\] are not in id2label"),
 ])
 def test_invalid_config_values_are_named(fields, message):
     with pytest.raises(ValueError, match=message):

@@ -9,6 +9,7 @@ from PIL import Image
 from conftest import TINY_MODEL_SIZE, detect_still
 from model.image_processor import get_resize_output_size
 from model.panoptic import decode_id_png
+from model.shapes import STUFF_IDS
 from pipeline.cli import main
 from pipeline.schema import FrameResult
 
@@ -44,6 +45,10 @@ def test_detect_panoptic_gives_a_coco_png_and_segments(tmp_path, tiny_panoptic_m
     assert result.panoptic.segments and {s.id for s in result.panoptic.segments} == set(np.unique(ids)) - {0}
     for segment in result.panoptic.segments:
         assert segment.area == (ids == segment.id).sum() and segment.label_name
+        # stuff classes come from the checkpoint's config.stuff_labels; each is fused into one segment
+        assert segment.isthing == (segment.category_id not in STUFF_IDS)
+    stuff = [s.category_id for s in result.panoptic.segments if not s.isthing]
+    assert stuff and len(stuff) == len(set(stuff))
     # A detection checkpoint has no panoptic head: a clear error before any work.
     assert main(["detect", str(tmp_path / "still.png"), "--model", str(tiny_model), "--panoptic"]) == 2
     assert "ConditionalDetrForSegmentation" in capsys.readouterr().err

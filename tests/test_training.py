@@ -119,6 +119,7 @@ def test_panoptic_two_stage_training(tiny_data, tmp_path):
     from model.segmentation import ConditionalDetrForSegmentation
 
     model = ConditionalDetrForSegmentation.from_pretrained(out)
+    assert model.config.stuff_labels == shapes.STUFF_IDS  # recorded from the dataset's categories
     after = model.conditional_detr.state_dict()
     # the detector, batch-norm statistics included, is unchanged by training the mask head
     assert all(torch.equal(before[k], after[k]) for k in before)
