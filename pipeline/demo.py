@@ -56,9 +56,7 @@ def main() -> int:
     model_path = _model_path()
     config = PipelineConfig.model_validate({
         "sources": [{"id": SOURCE_ID, "url": str(video)}],
-        # 0.3, not the default 0.5: the bundled model was trained on square 256 px images and scores the shapes
-        # in 16:9 video frames at 0.3-0.5 (model/weights/EVAL.md); the background regions score above 0.9.
-        "model": {"path": str(model_path), "panoptic": has_panoptic_head(model_path), "threshold": 0.3},
+        "model": {"path": str(model_path), "panoptic": has_panoptic_head(model_path)},
         "redis": {"url": resolve_redis_url(None)},
     })
     sink = RedisSink(connect(config.redis.url), config.redis.prefix)
