@@ -11,7 +11,9 @@ from model.image_processor import get_resize_output_size
 from model.panoptic import decode_id_png
 from model.shapes import STUFF_IDS
 from pipeline.cli import main
+from pipeline.config import ModelSettings
 from pipeline.schema import FrameResult
+from pipeline.worker import Detector
 
 
 def test_detect_writes_json_and_png(tmp_path, tiny_model, capsys):
@@ -48,7 +50,10 @@ def test_detect_panoptic_gives_a_coco_png_and_segments(tmp_path, tiny_panoptic_m
         # stuff classes come from the checkpoint's config.stuff_labels; each is fused into one segment
         assert segment.isthing == (segment.category_id not in STUFF_IDS)
     stuff = [s.category_id for s in result.panoptic.segments if not s.isthing]
-    assert stuff and len(stuff) == len(set(stuff))
+    assert len(stuff) == len(set(stuff))
+    # (the random tiny model may yield no stuff segment at all: the worker's stuff set is checked directly)
+    assert Detector(ModelSettings(path=str(tiny_panoptic_model), panoptic=True)).stuff == set(STUFF_IDS)
+    assert Detector(ModelSettings(path=str(tiny_model))).stuff == set()
     # A detection checkpoint has no panoptic head: a clear error before any work.
     assert main(["detect", str(tmp_path / "still.png"), "--model", str(tiny_model), "--panoptic"]) == 2
     assert "ConditionalDetrForSegmentation" in capsys.readouterr().err
