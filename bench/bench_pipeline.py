@@ -2,19 +2,22 @@
 
 All run in the same process on the same videos, weights and Redis (a private redis-server on a free port):
   naive     for each video in turn, one frame at a time: PyAV decode at full size -> preprocess (torch resize)
-            -> model -> post-process -> one XADD, with our Detector (optimized model)
+            -> model -> post-process -> one XADD, with our Detector in float32 (what a first version would run)
+  naive_with_switches  the same loop with the pipeline's --autocast / --compile (only when one is given)
   naive_transformers  the same loop with the reference: transformers' processor, model and post-processing
   pipeline  `run_job`: a StreamDecoder actor per source (swscale to model size), batches across sources,
             DetectorWorker actor(s), pipelined XADDs
+  model_ceiling  the workers' compute limit: our Detector alone on batches of model-sized frames (no decode, Ray
+            or Redis), one worker's threads, times the number of workers
 Reports frames/s of each (wall time from the first frame requested to the last result in Redis; the pipeline's
 includes starting its actors, so it also reports `steady_fps`, from its first result to its last), the ratios
-pipeline / each naive loop, and the pipeline's per-source summary. Prints JSON.
+pipeline / each naive loop and pipeline / ceiling, and the pipeline's per-source summary. Prints JSON.
 Each pipeline worker runs the model with `--threads` torch threads (and reserves that many Ray CPUs); the naive loops
 get `--threads` x `--workers` threads, the same cores. On a shared machine more intra-op threads than free cores make
 every forward pass several times slower and noisier.
 
     python bench/bench_pipeline.py [--sources 4] [--seconds 8] [--batch-size 8] [--threads 1] [--workers 1]
-                                   [--num-gpus 0]
+                                   [--num-gpus 0] [--autocast bfloat16] [--compile] [--model DIR] [--short-side N]
 
 The model is `model/weights/shapes-tiny` when it exists, otherwise a random tiny model (said in the output).
 """
@@ -39,10 +42,10 @@ from pipeline.config import DEFAULT_MODEL_PATH, ModelSettings, PipelineConfig  #
 from pipeline.demo import save_random_tiny_model  # noqa: E402
 from pipeline.redis_server import start_redis_server  # noqa: E402
 from pipeline.runner import Job  # noqa: E402
-from model.image_processor import ConditionalDetrImageProcessor  # noqa: E402
 from pipeline.schema import Detection, FrameResult  # noqa: E402
 from pipeline.sink import RedisSink, connect  # noqa: E402
-from pipeline.worker import Detector, load_model  # noqa: E402
+from pipeline.worker import Detector, load_model, load_processor  # noqa: E402
+from model.image_size import get_resize_output_size  # noqa: E402
 
 SIZE = (1280, 720)
 
@@ -78,6 +81,29 @@ def ours_infer(settings: ModelSettings) -> Infer:
     return infer
 
 
+def model_ceiling(video: Path, settings: ModelSettings, args: argparse.Namespace) -> dict:
+    """Our Detector alone on batches of the video's first frames, scaled to model size as the decoders do, with
+    one worker's threads; the pipeline cannot beat `fps` (per worker x workers) on cores it has to itself."""
+    torch.set_num_threads(args.threads)
+    detector = Detector(settings, "cuda" if torch.cuda.is_available() else "cpu")
+    with av.open(str(video)) as container:
+        frames = []
+        for frame in container.decode(video=0):
+            height, width = get_resize_output_size(frame.height, frame.width, detector.processor.size)
+            frames.append(torch.from_numpy(frame.to_ndarray(width=width, height=height, format="rgb24")))
+            if len(frames) == args.batch_size:
+                break
+    sizes = [SIZE[::-1]] * len(frames)
+    for _ in range(2):  # warm-up (and, with --compile, the compilation)
+        detector([f.to(detector.device) for f in frames], sizes)
+    repeats, started = 5, time.perf_counter()
+    for _ in range(repeats):
+        detector([f.to(detector.device) for f in frames], sizes)
+    per_worker = repeats * len(frames) / (time.perf_counter() - started)
+    return {"batch_size": len(frames), "threads": args.threads, "fps_per_worker": round(per_worker, 2),
+            "fps": round(per_worker * args.workers, 2)}
+
+
 def transformers_infer(settings: ModelSettings, work: Path) -> Infer:
     """One frame through the reference: transformers' processor, model and post-processing, same weights."""
     from transformers import ConditionalDetrForObjectDetection as HFDetection
@@ -85,7 +111,7 @@ def transformers_infer(settings: ModelSettings, work: Path) -> Infer:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     load_model(settings).save_pretrained(work / "hf")
-    ConditionalDetrImageProcessor.from_pretrained(settings.path).save_pretrained(work / "hf")
+    load_processor(settings).save_pretrained(work / "hf")  # with the --short-side override
     model = HFDetection.from_pretrained(work / "hf").eval().to(device)
     processor = HFProcessor.from_pretrained(work / "hf")
 
@@ -127,13 +153,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per pipeline worker (the naive loops: threads x workers)")
     parser.add_argument("--workers", type=int, default=1, help="DetectorWorker actors (model replicas)")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per pipeline worker")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="the pipeline's model.autocast")
+    parser.add_argument("--compile", action="store_true", help="the pipeline's model.compile")
+    parser.add_argument("--model", type=Path, help="checkpoint directory (default: the bundled shapes-tiny)")
+    parser.add_argument("--short-side", type=int, help="model input size: this short side, the long side at most "
+                        "1333/800 times it (default: the checkpoint's processor config)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    random_weights = not (DEFAULT_MODEL_PATH / "config.json").is_file()
+    random_weights = args.model is None and not (DEFAULT_MODEL_PATH / "config.json").is_file()
     model_path = (save_random_tiny_model(work / "random-tiny", {"shortest_edge": 256, "longest_edge": 448})
-                  if random_weights else DEFAULT_MODEL_PATH)
-    settings = ModelSettings(path=model_path)
+                  if random_weights else args.model or DEFAULT_MODEL_PATH)
+    size = None if args.short_side is None else {"shortest_edge": args.short_side,
+                                                 "longest_edge": args.short_side * 1333 // 800}
+    baseline = ModelSettings(path=model_path, size=size)
+    settings = baseline.model_copy(update={"autocast": args.autocast, "compile": args.compile})
     videos = [write_sample_video(work / f"src{i}.mp4", seconds=args.seconds, size=SIZE, seed=i)
               for i in range(args.sources)]
     port = 20000 + os.getpid() % 20000
@@ -142,25 +176,29 @@ def main() -> None:
     try:
         ray.init(num_cpus=os.cpu_count(), num_gpus=1 if torch.cuda.is_available() else 0,
                  include_dashboard=False, log_to_driver=False)
+        ceiling = model_ceiling(videos[0], settings, args)
         # The sequential loops get the intra-op threads of all pipeline workers together: the same cores.
         torch.set_num_threads(min(args.threads * args.workers, os.cpu_count()))
         sink = RedisSink(connect(redis_url), "bench")
-        naive_result = naive(videos, ours_infer(settings), "ours", sink)
-        reference_result = naive(videos, transformers_infer(settings, work), "transformers", sink)
+        naive_results = {"naive": naive(videos, ours_infer(baseline), "ours", sink)}
+        if settings != baseline:
+            naive_results["naive_with_switches"] = naive(videos, ours_infer(settings), "ours-switches", sink)
+        naive_results["naive_transformers"] = naive(videos, transformers_infer(baseline, work), "transformers", sink)
         pipeline_result = pipeline(videos, settings, redis_url, args)
     finally:
         ray.shutdown()
         redis_process.terminate()
+    ratios = {}
+    for name, result in naive_results.items():
+        ratios[f"ratio_fps_pipeline_over_{name}"] = round(pipeline_result["fps"] / result["fps"], 2)
+        ratios[f"ratio_steady_fps_pipeline_over_{name}"] = round(pipeline_result["steady_fps"] / result["fps"], 2)
+    ratios["ratio_steady_fps_pipeline_over_model_ceiling"] = round(pipeline_result["steady_fps"] / ceiling["fps"], 2)
     print(json.dumps({
         "bench": "pipeline", "sources": args.sources, "source_size": list(SIZE), "seconds_per_source": args.seconds,
-        "model": str(model_path), "random_weights": random_weights, "batch_size": args.batch_size,
+        "model": str(model_path), "random_weights": random_weights, "model_size": load_processor(settings).size,
+        "autocast": args.autocast, "compile": args.compile, "batch_size": args.batch_size,
         "threads": args.threads, "workers": args.workers, "naive_threads": torch.get_num_threads(),
-        "naive": naive_result, "naive_transformers": reference_result, "pipeline": pipeline_result,
-        "ratio_fps_pipeline_over_naive": round(pipeline_result["fps"] / naive_result["fps"], 2),
-        "ratio_steady_fps_pipeline_over_naive": round(pipeline_result["steady_fps"] / naive_result["fps"], 2),
-        "ratio_fps_pipeline_over_naive_transformers": round(pipeline_result["fps"] / reference_result["fps"], 2),
-        "ratio_steady_fps_pipeline_over_naive_transformers": round(
-            pipeline_result["steady_fps"] / reference_result["fps"], 2),
+        **naive_results, "pipeline": pipeline_result, "model_ceiling": ceiling, **ratios,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "versions": {"torch": torch.__version__, "ray": ray.__version__, "av": av.__version__},

@@ -193,6 +193,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.5, help="score threshold of the panoptic output")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"],
+                        help="evaluate the model as the pipeline runs it with model.autocast: optimize() (batch norm "
+                        "folded, channels-last) and autocast to this dtype")
     parser.add_argument("--out", help="also write the metrics JSON to this file")
 
 
@@ -200,9 +203,12 @@ def run(args: argparse.Namespace) -> int:
     """`cdetr eval`: print the metrics as JSON."""
     from model import (ConditionalDetrForObjectDetection, ConditionalDetrForSegmentation,
                        ConditionalDetrImageProcessor)
+    from model.inference import InferenceOptions, optimize
 
     model_class = ConditionalDetrForSegmentation if args.panoptic else ConditionalDetrForObjectDetection
-    model = model_class.from_pretrained(args.model)
+    model = model_class.from_pretrained(args.model).to(args.device)
+    if args.autocast:
+        model = optimize(model, InferenceOptions(dtype=getattr(torch, args.autocast)))
     processor = ConditionalDetrImageProcessor.from_pretrained(args.model)
     metrics = evaluate(model, processor, args.data, args.batch_size, args.device, args.threshold)
     text = json.dumps(metrics, indent=2)

@@ -12,11 +12,13 @@ train or save.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from model.backbone import ConvEncoder, FrozenBatchNorm2d
 
@@ -29,10 +31,14 @@ class InferenceOptions:
     channels_last: NHWC memory format for the backbone's convolutions (oneDNN / cuDNN's preferred layout).
     compile: `torch.compile` the backbone (inductor, weights frozen as constants so oneDNN gets them prepacked and
         fuses conv + bias + ReLU; on CUDA also CUDA graphs); it compiles again for every new input shape.
-    dtype: autocast dtype (torch.bfloat16 / torch.float16) for the forward; None keeps float32. Not within 1e-4."""
+    batch_size: with `compile`, the compiled backbone pads every smaller batch to this many frames (blank frames,
+        cut from its outputs), so that batches of any size share one compiled shape (and on CUDA one graph).
+    dtype: autocast dtype (torch.bfloat16 / torch.float16) for the forward, outputs returned in float32; None keeps
+        float32. Not within 1e-4: judge it by task accuracy (`cdetr eval --autocast`)."""
     fold_batch_norm: bool = True
     channels_last: bool = True
     compile: bool = False
+    batch_size: int | None = None
     dtype: torch.dtype | None = None
 
 
@@ -91,10 +97,45 @@ def optimize(model: nn.Module, options: InferenceOptions = InferenceOptions()) -
         # shapes are fixed per batch size). Untested here: no GPU in the test environment.
         mode = "reduce-overhead" if device_type == "cuda" else None
         for encoder in encoders:
-            encoder.compile(dynamic=False, mode=mode)
+            encoder.forward = _padded_to(options.batch_size, torch.compile(encoder.forward, dynamic=False, mode=mode))
     if options.dtype is not None:
-        model.forward = torch.autocast(device_type, dtype=options.dtype)(model.forward)
+        model.forward = _autocast_forward(model.forward, device_type, options.dtype)
     return model
+
+
+def _padded_to(batch_size: int | None, encode):
+    """`encode` (a ConvEncoder's forward) on batches padded to `batch_size`, returning only the real frames' maps."""
+    if batch_size is None:
+        return encode
+
+    @functools.wraps(encode)
+    def padded(pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        frames = pixel_values.shape[0]
+        if frames < batch_size:
+            # Blank frames: zero pixels, all padding. F.pad keeps the channels-last strides (torch.cat would not,
+            # and a compiled graph is specialized to its input's strides too).
+            blank = batch_size - frames
+            pixel_values = F.pad(pixel_values, (0, 0, 0, 0, 0, 0, 0, blank))
+            pixel_mask = F.pad(pixel_mask, (0, 0, 0, 0, 0, blank))
+        return [(features[:frames], mask[:frames]) for features, mask in encode(pixel_values, pixel_mask)]
+    return padded
+
+
+def _autocast_forward(forward, device_type: str, dtype: torch.dtype):
+    """`forward` under autocast, its output's low-precision tensors cast back to float32: the post-processing
+    (top-k of scores, box arithmetic, mask thresholds) then runs as it does without autocast, and bf16's 8-bit
+    mantissa does not turn close scores into ties. Measured on the shapes-tiny test set (bench/RESULTS.md): same
+    bbox AP and PQ as float32 to +-0.001."""
+    autocast_forward = torch.autocast(device_type, dtype=dtype)(forward)
+
+    @functools.wraps(forward)
+    def wrapped(*args, **kwargs):
+        outputs = autocast_forward(*args, **kwargs)
+        for name, value in vars(outputs).items():
+            if isinstance(value, torch.Tensor) and value.dtype == dtype:
+                setattr(outputs, name, value.float())
+        return outputs
+    return wrapped
 
 
 def _inputs_to_channels_last(module: nn.Module, inputs: tuple) -> tuple:

@@ -120,6 +120,13 @@ class ModelSettings(_Section):
         False, description="also attach a COCO RLE mask to each detection (needs a segmentation checkpoint)")
     size: dict[str, int] | None = Field(
         None, description="processor resize rule override, e.g. {shortest_edge: 480, longest_edge: 800}")
+    # model/inference.py InferenceOptions; the always-on ones (batch-norm folding, channels-last) have no setting.
+    autocast: Literal["bfloat16", "float16"] | None = Field(
+        None, description="run the forward under autocast to this dtype (not within 1e-4 of float32; measure the "
+        "task accuracy with `cdetr eval --autocast`)")
+    compile: bool = Field(
+        False, description="torch.compile the backbone; every batch is padded to batching.max_batch_size, so each "
+        "frame size compiles once, at its first batch (seconds on a CPU)")
 
     @property
     def needs_masks(self) -> bool:

@@ -160,12 +160,14 @@ class Job:
         actor = Worker.options(num_cpus=w.num_cpus, num_gpus=w.num_gpus, resources=w.resources,
                                max_restarts=w.max_restarts, max_task_retries=w.max_task_retries)
         count = worker_count(len(self.config.sources), w.streams_per_worker, w.count)
-        self.workers = [actor.remote(self.config.model, max(1, int(w.num_cpus))) for _ in range(count)]
+        self.workers = [actor.remote(self.config.model, max(1, int(w.num_cpus)), self.config.batching.max_batch_size)
+                        for _ in range(count)]
         return [node_of(worker) for worker in self.workers]
 
     def _place(self, worker_nodes: list[str]) -> None:
         self.placement = Placement(worker_nodes)
-        self.batchers = {node: Batcher(self.config.batching.max_batch_size, self.config.batching.timeout_ms / 1e3)
+        batching = self.config.batching
+        self.batchers = {node: Batcher(batching.max_batch_size, batching.timeout_ms / 1e3, batching.source_cap)
                          for node in self.placement.nodes}
 
     def _shutdown(self) -> None:
@@ -425,6 +427,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--panoptic", action="store_true", default=None, help="also run the panoptic head")
     parser.add_argument("--instance-masks", action="store_true", default=None,
                         help="also attach a COCO RLE mask to each detection (segmentation checkpoint)")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"],
+                        help="run the model under autocast to this dtype (faster; check accuracy with cdetr eval)")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile the backbone (batches padded to the batch size: each frame size "
+                        "compiles once, at its first batch)")
     parser.add_argument("--redis-url", help="redis:// or rediss:// URL (default: local, started if needed)")
     parser.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
     parser.add_argument("--config", type=Path, help="YAML/JSON config file (see pipeline/config.py)")
@@ -462,7 +469,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         overrides["sources"] = [{"id": i, "url": url, **({"fps": args.fps} if args.fps else {})}
                                 for i, url in zip(ids, args.sources)]
     model = {k: v for k, v in (("path", args.model), ("panoptic", args.panoptic),
-                               ("instance_masks", args.instance_masks)) if v is not None}
+                               ("instance_masks", args.instance_masks), ("autocast", args.autocast),
+                               ("compile", args.compile)) if v is not None}
     if model:
         overrides["model"] = model
     if args.redis_url:

@@ -13,7 +13,7 @@ import torch
 
 from model import ConditionalDetrForObjectDetection, ConditionalDetrForSegmentation, ConditionalDetrImageProcessor
 from model.image_size import get_resize_output_size
-from model.inference import frames_to_device, optimize
+from model.inference import InferenceOptions, frames_to_device, optimize
 from model.panoptic import panoptic_to_coco
 from model.post_processing import post_process_detection_masks
 from pipeline.config import ModelSettings
@@ -59,14 +59,21 @@ def load_model(settings: ModelSettings) -> torch.nn.Module:
     return ConditionalDetrForObjectDetection.from_pretrained(path)
 
 
+def inference_options(settings: ModelSettings, batch_size: int | None = None) -> InferenceOptions:
+    """The model settings' speed switches as `optimize` takes them; `batch_size`: the largest batch the model
+    will be given (a compiled backbone pads smaller ones to it: one compiled shape per frame size)."""
+    return InferenceOptions(compile=settings.compile, batch_size=batch_size if settings.compile else None,
+                            dtype=None if settings.autocast is None else getattr(torch, settings.autocast))
+
+
 class Detector:
-    def __init__(self, settings: ModelSettings, device: str = "cpu"):
+    def __init__(self, settings: ModelSettings, device: str = "cpu", batch_size: int | None = None):
         self.settings = settings
         self.device = torch.device(device)
         self.processor = load_processor(settings)
         # Batch norm folded into the convs, channels-last backbone: same outputs (1e-4), 1.4x faster on CPU
         # (bench/RESULTS.md); optimize() also puts the model in eval mode.
-        self.model = optimize(load_model(settings).to(self.device))
+        self.model = optimize(load_model(settings).to(self.device), inference_options(settings, batch_size))
         self.id2label: dict[int, str] = self.model.config.id2label
         # Merged into one panoptic segment per class; a checkpoint that does not record them fuses nothing.
         self.stuff = set(self.model.config.stuff_labels)
@@ -126,10 +133,10 @@ class Detector:
 class DetectorWorker:
     """Ray actor: one model per worker; `num_gpus` comes from the actor options, CPU when there is no GPU."""
 
-    def __init__(self, settings: ModelSettings, num_threads: int = 1):
+    def __init__(self, settings: ModelSettings, num_threads: int = 1, max_batch_size: int | None = None):
         torch.set_num_threads(max(1, num_threads))
         device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
-        self.detector = Detector(settings, device)
+        self.detector = Detector(settings, device, max_batch_size)
 
     def device(self) -> str:
         return str(self.detector.device)

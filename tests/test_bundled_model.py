@@ -4,9 +4,11 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from model import ConditionalDetrForSegmentation, ConditionalDetrImageProcessor
 from model.evaluate import evaluate
+from model.inference import InferenceOptions, optimize
 from model.shapes import write_dataset
 from pipeline.config import DEFAULT_MODEL_PATH
 
@@ -19,10 +21,20 @@ def _documented(pattern: str) -> float:
     return float(match.group(1))
 
 
-def test_bundled_model_reproduces_eval_md(tmp_path: Path):
-    data = write_dataset(tmp_path / "shapes-test", 500, size=256, seed=2, workers=2)
+@pytest.fixture(scope="module")
+def test_set(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("shapes-test"), 500, size=256, seed=2, workers=2)
+
+
+def _evaluate(data: Path, options: InferenceOptions | None = None) -> dict:
     model = ConditionalDetrForSegmentation.from_pretrained(DEFAULT_MODEL_PATH)
-    metrics = evaluate(model, ConditionalDetrImageProcessor.from_pretrained(DEFAULT_MODEL_PATH), data)
+    if options is not None:
+        model = optimize(model, options)
+    return evaluate(model, ConditionalDetrImageProcessor.from_pretrained(DEFAULT_MODEL_PATH), data)
+
+
+def test_bundled_model_reproduces_eval_md(test_set: Path):
+    metrics = _evaluate(test_set)
     # the numbers EVAL.md states, to its 4 decimals
     assert metrics["bbox"]["AP"] == pytest.approx(_documented(r"\| bbox AP \(IoU \.50:\.95\) \| \*\*([\d.]+)\*\*"),
                                                   abs=5e-5)
@@ -31,3 +43,13 @@ def test_bundled_model_reproduces_eval_md(tmp_path: Path):
                                                   abs=5e-5)
     # and they meet the targets of issue 5
     assert metrics["bbox"]["AP"] >= 0.70 and metrics["panoptic"]["PQ"] >= 0.60
+
+
+def test_bfloat16_autocast_keeps_the_accuracy(test_set: Path):
+    """`model.autocast: bfloat16` (the pipeline's fastest CPU switch) changes logits by ~1e-2; what counts is that
+    the task metrics stay where float32 puts them (EVAL.md states both)."""
+    bf16 = _evaluate(test_set, InferenceOptions(dtype=torch.bfloat16))
+    assert bf16["bbox"]["AP"] == pytest.approx(_documented(r"- bfloat16 autocast: bbox AP ([\d.]+)"), abs=5e-5)
+    assert bf16["panoptic"]["PQ"] == pytest.approx(_documented(r"- bfloat16 autocast: .*?PQ ([\d.]+)"), abs=5e-5)
+    assert abs(bf16["bbox"]["AP"] - _documented(r"\| bbox AP \(IoU \.50:\.95\) \| \*\*([\d.]+)\*\*")) < 0.005
+    assert abs(bf16["panoptic"]["PQ"] - _documented(r"\| PQ \| \*\*([\d.]+)\*\*")) < 0.005

@@ -39,6 +39,7 @@ def test_layers_file_then_env_then_overrides(tmp_path):
     ({"sources": [{"id": "a", "url": "a.mp4"}, {"id": "a", "url": "b.mp4"}]}, "duplicate source ids: a"),
     ({"redis": {"url": "http://redis:6379"}}, "redis.url"),
     ({"model": {"threshold": 1.5}}, "model.threshold"),
+    ({"model": {"autocast": "int8"}}, "model.autocast"),
 ])
 def test_invalid_config_names_the_field(data, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -109,15 +110,28 @@ def test_partial_batch_is_sent_at_the_timeout_from_its_first_frame():
     assert [c.source_id for c in batcher.next_batch(now=1.05)] == ["a", "b"]
 
 
-def test_one_chunk_per_source_per_batch_and_arrival_order():
-    batcher = Batcher(max_batch_size=4, timeout_s=0.0)
+def test_frames_per_source_cap_and_arrival_order():
+    batcher = Batcher(max_batch_size=4, timeout_s=0.0, max_frames_per_source=2)
     for source_id, size in [("a", 2), ("a", 2), ("b", 1), ("c", 2)]:
         batcher.add(chunk(source_id, size))
-    # a's second chunk waits for the next batch; c does not fit after a + b, so the batch is a, b.
+    # a's second chunk would give a 4 frames: it waits for the next batch; c does not fit after a + b.
     assert [(c.source_id, c.size) for c in batcher.next_batch(now=0.0)] == [("a", 2), ("b", 1)]
     assert [(c.source_id, c.size) for c in batcher.next_batch(now=0.0)] == [("a", 2), ("c", 2)]
     with pytest.raises(ValueError, match="does not fit"):
-        batcher.add(chunk("d", 5))
+        batcher.add(chunk("d", 3))
+
+
+def test_small_chunks_of_one_source_fill_a_batch_in_order():
+    # A compute-bound job reads chunks of one or two frames: several of a source go into one batch.
+    batcher = Batcher(max_batch_size=4, timeout_s=0.0)
+    for source_id, size in [("a", 1), ("b", 1), ("a", 1), ("b", 1), ("a", 1)]:
+        batcher.add(chunk(source_id, size))
+    assert [(c.source_id, c.size) for c in batcher.next_batch(now=0.0)] == [("a", 1), ("b", 1), ("a", 1), ("b", 1)]
+    # A chunk left out is never overtaken by a later chunk of its source (results are written in frame order).
+    batcher = Batcher(max_batch_size=4, timeout_s=0.0)
+    for source_id, size in [("a", 3), ("a", 2), ("a", 1), ("b", 1)]:
+        batcher.add(chunk(source_id, size))
+    assert [(c.source_id, c.size) for c in batcher.next_batch(now=0.0)] == [("a", 3), ("b", 1)]
 
 
 def test_model_size_override_reaches_the_processor(tmp_path, tiny_model):
@@ -128,6 +142,27 @@ def test_model_size_override_reaches_the_processor(tmp_path, tiny_model):
     override = {"shortest_edge": 32, "longest_edge": 48}
     assert load_processor(ModelSettings(path=tiny_model, size=override)).size == override
     assert load_processor(ModelSettings(path=tmp_path)).size == {"shortest_edge": 800, "longest_edge": 1333}
+
+
+def test_speed_switches_from_the_command_line_reach_the_model_options():
+    import argparse
+
+    import torch
+
+    from pipeline.runner import _overrides, add_arguments
+    from pipeline.worker import inference_options
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    default = load_config(env={}, overrides=_overrides(parser.parse_args(["a.mp4"]))).model
+    assert (default.autocast, default.compile) == (None, False)
+    assert inference_options(default).dtype is None and not inference_options(default).compile
+    args = parser.parse_args(["a.mp4", "--autocast", "bfloat16", "--compile"])
+    options = inference_options(load_config(env={}, overrides=_overrides(args)).model, batch_size=8)
+    assert options.dtype is torch.bfloat16 and options.compile
+    assert options.batch_size == 8  # a compiled backbone pads every batch to the workers' largest
+    assert inference_options(default, batch_size=8).batch_size is None  # nothing to pad for without compile
+    assert options.fold_batch_norm and options.channels_last  # the defaults stay on
 
 
 def test_relative_file_paths_become_absolute(tmp_path, monkeypatch):
