@@ -6,7 +6,8 @@
 
 Defaults are the switches that keep the outputs within 1e-4 of the unoptimized model, were faster on CPU
 (bench/RESULTS.md) and cost nothing up front: batch-norm folding and channels-last. `compile` is faster still but
-off by default: it stalls the first call at every new input shape (batch size, frame size). `optimize` changes the
+off by default: it stalls the first call at every new input shape (frame size; batch size too, unless
+`batch_size` pads the batches to one). `optimize` changes the
 model in place (its backbone state dict loses the batch-norm keys), so optimize a model you only run, never one you
 train or save.
 """
@@ -93,8 +94,8 @@ def optimize(model: nn.Module, options: InferenceOptions = InferenceOptions()) -
         # reads it when it traces (torch._dynamo.utils.is_parameter_freezing) and otherwise passes the weights as
         # inputs, which leaves nothing to prepack (measured: no gain). It applies only under inference mode.
         torch._inductor.config.freezing = True
-        # On CUDA, "reduce-overhead" also replays each shape's kernels as one CUDA graph (the pipeline's input
-        # shapes are fixed per batch size). Untested here: no GPU in the test environment.
+        # On CUDA, "reduce-overhead" also replays each shape's kernels as one CUDA graph (with `batch_size`, one
+        # shape per frame size). Untested here: no GPU in the test environment.
         mode = "reduce-overhead" if device_type == "cuda" else None
         for encoder in encoders:
             encoder.forward = _padded_to(options.batch_size, torch.compile(encoder.forward, dynamic=False, mode=mode))
