@@ -11,7 +11,9 @@ All run in the same process on the same videos, weights and Redis (a private red
             or Redis), one worker's threads, times the number of workers
 Reports frames/s of each (wall time from the first frame requested to the last result in Redis; the pipeline's
 includes starting its actors, so it also reports `steady_fps`, from its first result to its last), the ratios
-pipeline / each naive loop and pipeline / ceiling, and the pipeline's per-source summary. Prints JSON.
+pipeline / each naive loop and pipeline / ceiling, the CPU milliseconds per frame that each role's processes used
+during the pipeline run (driver, workers, decoders, ray, redis; from /proc, start-up included), and the pipeline's
+per-source summary. Prints JSON.
 Each pipeline worker runs the model with `--threads` torch threads (and reserves that many Ray CPUs); the naive loops
 get `--threads` x `--workers` threads, the same cores. On a shared machine more intra-op threads than free cores make
 every forward pass several times slower and noisier.
@@ -26,6 +28,7 @@ import json
 import os
 import platform
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -126,6 +129,60 @@ def transformers_infer(settings: ModelSettings, work: Path) -> Infer:
     return infer
 
 
+# Linux truncates a process name (/proc/PID/comm) to 15 characters; Ray names actor processes ray::<Class>.
+ROLES = {"ray::DetectorWo": "workers", "ray::StreamDeco": "decoders", "raylet": "ray", "gcs_server": "ray",
+         "redis-server": "redis"}
+
+
+class CpuSampler:
+    """CPU seconds (user + system) each role's processes use while it runs, from /proc every 0.05 s: the actors
+    a job kills at its end are gone from /proc by then, so their last sample is what counts (0.05 s at most lost).
+    Only the processes of a role are read at each sample, so the sampling itself stays cheap."""
+
+    def __init__(self):
+        self.roles: dict[int, str | None] = {}  # every pid seen: its role, None for the rest of the machine
+        self.unsettled: set[int] = set()  # Ray worker processes take their actor's name after they start
+        self.first: dict[int, float] = {}  # processes that existed at the start: their CPU seconds then
+        self.last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._sample()
+        self.first = dict(self.last)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        seconds: dict[str, float] = {}
+        for pid, cpu in self.last.items():
+            role = self.roles[pid]
+            seconds[role] = seconds.get(role, 0.0) + cpu - self.first.get(pid, 0.0)
+        return seconds
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._sample()
+        self._sample()
+
+    def _sample(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+            try:
+                if pid not in self.roles or pid in self.unsettled:
+                    name = Path(f"/proc/{pid}/comm").read_text().strip()
+                    self.roles[pid] = "driver" if pid == os.getpid() else ROLES.get(name)
+                    if self.roles[pid] is None and name.startswith(("ray::", "python")):
+                        self.unsettled.add(pid)
+                    else:
+                        self.unsettled.discard(pid)
+                if self.roles[pid] is not None:
+                    stat = Path(f"/proc/{pid}/stat").read_text()
+                    fields = stat[stat.rindex(")") + 2:].split()  # utime and stime: the 14th and 15th fields
+                    self.last[pid] = (int(fields[11]) + int(fields[12])) / tick
+            except OSError:  # the process ended meanwhile
+                continue
+
+
 def pipeline(videos: list[Path], settings: ModelSettings, redis_url: str, args: argparse.Namespace) -> dict:
     config = PipelineConfig.model_validate({
         "sources": [{"id": f"pipe-{v.stem}", "url": str(v)} for v in videos],
@@ -135,14 +192,19 @@ def pipeline(videos: list[Path], settings: ModelSettings, redis_url: str, args: 
         "decoder": {"num_cpus": 0},
         "model": settings.model_dump(), "redis": {"url": redis_url, "prefix": "bench"}})
     job = Job(config, RedisSink(connect(redis_url), "bench"))
+    sampler = CpuSampler()
     started = time.perf_counter()
     summary = job.run()
     seconds = time.perf_counter() - started
+    cpu = sampler.stop()
     frames = sum(s["frames"] for s in summary.values())
     stats = job.metrics.sources.values()
     writing = max(s.last_at for s in stats) - min(s.first_at for s in stats)
+    # Where the cores went, start-up included (workers: importing torch and loading the model, ~1.5 s each).
+    cpu_ms_per_frame = {role: round(cpu[role] * 1e3 / frames, 2) for role in sorted(cpu)}
     return {"frames": frames, "seconds": round(seconds, 2), "fps": round(frames / seconds, 2),
-            "steady_fps": round((frames - 1) / writing, 2), "per_source": summary}
+            "steady_fps": round((frames - 1) / writing, 2), "cpu_ms_per_frame": cpu_ms_per_frame,
+            "per_source": summary}
 
 
 def main() -> None:
