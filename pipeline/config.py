@@ -84,6 +84,11 @@ class DecoderConfig(_Section):
         default_factory=dict, description="Ray custom resources per StreamDecoder actor, e.g. {decoder: 1} "
         "(deploy/README.md, Placement)")
     buffer_size: int = Field(64, ge=1, description="decoded frames buffered per source")
+    # What a decoder hands the workers (pipeline/decoder.py). swscale's RGB conversion and resize cost ~2x the
+    # decoding itself; a GPU worker converts and resizes the YUV planes in a few kernels (bench/RESULTS.md).
+    output: Literal["rgb", "yuv420"] | None = Field(
+        None, description="rgb: RGB scaled to model input size by swscale; yuv420: the decoded YUV 4:2:0 planes, "
+        "converted and resized on the worker's device (None: yuv420 when workers.num_gpus > 0, else rgb)")
     open_timeout_s: float = Field(10.0, gt=0)
     read_timeout_s: float = Field(5.0, gt=0)
     reconnect_initial_s: float = Field(1.0, gt=0, description="first reconnect delay; doubles per failure")
@@ -169,6 +174,11 @@ class PipelineConfig(_Section):
         if duplicates:
             raise ValueError(f"duplicate source ids: {', '.join(duplicates)}")
         return self
+
+    @property
+    def decoder_output(self) -> str:
+        """`decoder.output`, with its default resolved: the planes go to GPU workers, RGB to CPU workers."""
+        return self.decoder.output or ("yuv420" if self.workers.num_gpus > 0 else "rgb")
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None,

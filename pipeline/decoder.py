@@ -1,8 +1,14 @@
 """StreamDecoder: one per source; decodes with PyAV in a background thread into a bounded buffer.
 
-The runner runs it as a Ray actor and pulls chunks of frames with `read()`. Frames leave the actor already scaled
-to model input size by swscale (`to_ndarray(width, height, format="rgb24")`), so only model-sized uint8 frames
-travel through the object store (research note §0.4: a 1080p RGB frame is 6.2 MB).
+The runner runs it as a Ray actor and pulls chunks of frames with `read()`. Frames leave the actor in one of two
+forms (`decoder.output`), both no larger than an RGB frame at model input size, so no full-size RGB frame travels
+through the object store (research note §0.4: a 1080p RGB frame is 6.2 MB):
+- `rgb`: scaled to model input size and converted to RGB by swscale (`to_ndarray(width, height, format="rgb24")`);
+  the CPU workers' default, where the worker's core is the scarce one;
+- `yuv420`: the decoder's own YUV 4:2:0 planes, untouched (swscale only scales frames of more than twice the
+  model's pixels down to model size, and odd sizes to even ones). That skips swscale's conversion and resize, which
+  cost ~2x the decoding itself, and is half the bytes of RGB; the worker's GPU converts and resizes them
+  (model/yuv.py). The GPU workers' default.
 
 Backpressure (research note §2.1, Roboflow's WAIT/LAZY vs DROP_OLDEST/EAGER):
 - `block`: the decode thread waits while the buffer is full, so no frame is ever lost (files);
@@ -22,11 +28,15 @@ from dataclasses import dataclass, field
 
 import av
 import numpy as np
+from av.video.reformatter import Colorspace, ColorRange
 
 from model.image_size import get_resize_output_size
 from pipeline.config import DecoderConfig, SourceConfig
 from pipeline.schema import Event
 from pipeline.sources import open_options, parse_source_url, redact
+
+# A frame's colour matrix tag -> model/yuv.py's name; untagged video is BT.601, as swscale assumes.
+_MATRICES = {Colorspace.ITU709: "bt709", Colorspace.BT2020: "bt2020"}
 
 
 @dataclass
@@ -39,11 +49,24 @@ class FrameMeta:
     decode_ms: float
 
 
+@dataclass(frozen=True)
+class FrameFormat:
+    """How a frame array holds its pixels: `rgb24` (h, w, 3) or `yuv420p` (3h/2, w) with the frame's YUV matrix
+    and range (model/yuv.py)."""
+    pixels: str = "rgb24"
+    matrix: str = "bt601"
+    full_range: bool = False
+
+
+RGB = FrameFormat()
+
+
 @dataclass
 class ChunkInfo:
-    """What `read()` returns next to the (n, h, w, 3) uint8 frames: small, so the runner fetches it."""
+    """What `read()` returns next to the (n, ...) uint8 frames: small, so the runner fetches it."""
     source_id: str
     frames: list[FrameMeta]
+    format: FrameFormat = RGB  # of every frame in the chunk
     events: list[Event] = field(default_factory=list)
     dropped: int = 0  # total frames dropped by the drop_oldest policy so far
     finished: bool = False  # the source ended (EOF or error) and every frame has been read
@@ -65,7 +88,8 @@ class StreamDecoder:
         self.cfg = cfg
         self.start_index = start_index  # frames below this index are already in Redis (resume)
         self._block = source.backpressure == "block"
-        self._buffer: deque[tuple[FrameMeta, np.ndarray]] = deque()
+        self._yuv = cfg.output == "yuv420"
+        self._buffer: deque[tuple[FrameMeta, FrameFormat, np.ndarray]] = deque()
         self._cond = threading.Condition()
         self._events: list[Event] = []
         self._dropped = 0
@@ -89,16 +113,17 @@ class StreamDecoder:
                 while len(self._buffer) > max_frames:
                     self._buffer.popleft()
                     self._dropped += 1
-            taken: list[tuple[FrameMeta, np.ndarray]] = []
+            taken: list[tuple[FrameMeta, FrameFormat, np.ndarray]] = []
             while self._buffer and len(taken) < max_frames:
-                if taken and self._buffer[0][1].shape != taken[0][1].shape:
-                    break  # a live stream changed resolution: one size per chunk
+                _, fmt, array = self._buffer[0]
+                if taken and (array.shape != taken[0][2].shape or fmt != taken[0][1]):
+                    break  # a live stream changed resolution or colour space: one of each per chunk
                 taken.append(self._buffer.popleft())
             events, self._events = self._events, []
-            info = ChunkInfo(self.source.id, [m for m, _ in taken], events, self._dropped,
-                             finished=self._done and not self._buffer)
+            info = ChunkInfo(self.source.id, [m for m, _, _ in taken], taken[0][1] if taken else RGB, events,
+                             self._dropped, finished=self._done and not self._buffer)
             self._cond.notify_all()  # a blocked decode thread has room again
-        frames = np.stack([a for _, a in taken]) if taken else np.zeros((0, 0, 0, 3), np.uint8)
+        frames = np.stack([a for _, _, a in taken]) if taken else np.zeros((0, 0, 0, 3), np.uint8)
         return info, frames
 
     def stop(self) -> None:
@@ -213,14 +238,33 @@ class StreamDecoder:
             self._next_sample_t += period
         return True
 
-    def _convert(self, frame, index: int, started: float) -> tuple[FrameMeta, np.ndarray]:
-        height, width = get_resize_output_size(frame.height, frame.width, self.size)
-        array = frame.to_ndarray(width=width, height=height, format="rgb24")  # swscale does the resize
+    def _convert(self, frame, index: int, started: float) -> tuple[FrameMeta, FrameFormat, np.ndarray]:
+        fmt, array = self._yuv420(frame) if self._yuv else (RGB, self._rgb(frame))
         meta = FrameMeta(index, frame.time, time.time(), frame.width, frame.height,
                          (time.perf_counter() - started) * 1e3)
-        return meta, array
+        return meta, fmt, array
 
-    def _put(self, item: tuple[FrameMeta, np.ndarray]) -> None:
+    def _rgb(self, frame) -> np.ndarray:
+        height, width = get_resize_output_size(frame.height, frame.width, self.size)
+        return frame.to_ndarray(width=width, height=height, format="rgb24")  # swscale does the resize
+
+    def _yuv420(self, frame) -> tuple[FrameFormat, np.ndarray]:
+        """The frame's YUV 4:2:0 planes, through swscale only when they must change (see the module docstring)."""
+        height, width = frame.height, frame.width
+        model_height, model_width = get_resize_output_size(height, width, self.size)
+        if height * width > 2 * model_height * model_width:  # then YUV at source size is more bytes than RGB
+            height, width = model_height, model_width
+        height, width = height - height % 2, width - width % 2  # 4:2:0 needs even sizes; the worker resizes
+        # H.264/HEVC in 8 bits decode to yuv420p (yuvj420p when full range); other layouts go through swscale,
+        # which keeps the matrix and gives limited range.
+        native = frame.format.name in ("yuv420p", "yuvj420p") and (height, width) == (frame.height, frame.width)
+        # yuvj* layouts are full range by definition, and swscale turns them into limited-range yuv420p; a
+        # yuv420p frame tagged full range stays so (swscale, as PyAV calls it, leaves the range alone).
+        full_range = native if frame.format.name.startswith("yuvj") else frame.color_range == ColorRange.JPEG
+        array = frame.to_ndarray() if native else frame.to_ndarray(width=width, height=height, format="yuv420p")
+        return FrameFormat("yuv420p", _MATRICES.get(frame.colorspace, "bt601"), full_range), array
+
+    def _put(self, item: tuple[FrameMeta, FrameFormat, np.ndarray]) -> None:
         with self._cond:
             if self._block:
                 self._cond.wait_for(lambda: len(self._buffer) < self.cfg.buffer_size or self._stop.is_set())

@@ -142,8 +142,9 @@ class Job:
 
     def _decoder(self, source: SourceConfig, start: int,
                  strategy: NodeAffinitySchedulingStrategy) -> ray.actor.ActorHandle:
-        return Decoder.options(num_cpus=self.config.decoder.num_cpus, resources=self.config.decoder.resources,
-                               scheduling_strategy=strategy).remote(source, self.size, self.config.decoder, start)
+        cfg = self.config.decoder.model_copy(update={"output": self.config.decoder_output})
+        return Decoder.options(num_cpus=cfg.num_cpus, resources=cfg.resources,
+                               scheduling_strategy=strategy).remote(source, self.size, cfg, start)
 
     def remove_source(self, source_id: str) -> None:
         run = self.sources.get(source_id)

@@ -1,4 +1,7 @@
-"""DetectorWorker: loads the model once and turns batches of model-sized frames into FrameResults.
+"""DetectorWorker: loads the model once and turns batches of decoded frames into FrameResults.
+
+Frames arrive as the decoders send them (pipeline/decoder.py): RGB at model input size, or YUV 4:2:0 planes that
+the worker converts (model/yuv.py) and the processor resizes, on the worker's device.
 
 `Detector` is the model + processor + post-processing without Ray (also used by `cdetr detect`);
 `DetectorWorker` is the Ray actor around it that also fills in the per-frame metadata and timings.
@@ -16,8 +19,9 @@ from model.image_size import get_resize_output_size
 from model.inference import InferenceOptions, frames_to_device, optimize
 from model.panoptic import panoptic_to_coco
 from model.post_processing import post_process_detection_masks
+from model.yuv import yuv420_to_rgb
 from pipeline.config import ModelSettings
-from pipeline.decoder import ChunkInfo
+from pipeline.decoder import ChunkInfo, FrameFormat
 from pipeline.schema import RLE, Detection, FrameResult, Panoptic, Segment
 
 
@@ -145,7 +149,8 @@ class DetectorWorker:
         """One batch: chunk `i` holds the frames of `infos[i]`. Returns FrameResults per chunk, in order."""
         started = time.time()
         device = self.detector.device
-        frames = [f for chunk in chunks for f in frames_to_device(chunk, device)]
+        frames = [frame for info, chunk in zip(infos, chunks)
+                  for frame in to_rgb(frames_to_device(chunk, device), info.format)]
         frames_of = [(info.source_id, m) for info in infos for m in info.frames]
         outputs, timings = self.detector(frames, [(m.height, m.width) for _, m in frames_of])
         results = [FrameResult(source_id=source_id, frame_index=m.frame_index, pts=m.pts, captured_at=m.captured_at,
@@ -155,6 +160,13 @@ class DetectorWorker:
                                            **timings})
                    for (source_id, m), (detections, panoptic) in zip(frames_of, outputs)]
         return _split(results, [len(info.frames) for info in infos])
+
+
+def to_rgb(frames: torch.Tensor, fmt: FrameFormat) -> torch.Tensor:
+    """A chunk's frames on the device as (n, h, w, 3) uint8 RGB, whichever form the decoder sent them in."""
+    if fmt.pixels == "yuv420p":
+        return yuv420_to_rgb(frames, fmt.matrix, fmt.full_range)
+    return frames
 
 
 def _split(items: list, sizes: list[int]) -> list[list]:

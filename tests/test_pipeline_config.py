@@ -40,6 +40,7 @@ def test_layers_file_then_env_then_overrides(tmp_path):
     ({"redis": {"url": "http://redis:6379"}}, "redis.url"),
     ({"model": {"threshold": 1.5}}, "model.threshold"),
     ({"model": {"autocast": "int8"}}, "model.autocast"),
+    ({"decoder": {"output": "nv12"}}, "decoder.output"),
 ])
 def test_invalid_config_names_the_field(data, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -170,3 +171,13 @@ def test_relative_file_paths_become_absolute(tmp_path, monkeypatch):
     config = load_config(env={}, overrides={"sources": [{"id": "a", "url": "videos/a.mp4"},
                                                         {"id": "b", "url": "rtsp://cam/stream"}]})
     assert [s.url for s in config.sources] == [str(tmp_path / "videos" / "a.mp4"), "rtsp://cam/stream"]
+
+
+@pytest.mark.parametrize("data, output", [
+    ({}, "rgb"),  # CPU workers: swscale's RGB at model size
+    ({"workers": {"num_gpus": 0.5}}, "yuv420"),  # GPU workers convert the planes themselves
+    ({"workers": {"num_gpus": 1}, "decoder": {"output": "rgb"}}, "rgb"),  # an explicit choice wins
+    ({"decoder": {"output": "yuv420"}}, "yuv420"),
+])
+def test_decoder_output_defaults_by_where_the_workers_run(data, output):
+    assert load_config(env={}, overrides=data).decoder_output == output

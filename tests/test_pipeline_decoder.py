@@ -1,15 +1,18 @@
-"""StreamDecoder on its own (a plain object here; the runner makes it a Ray actor): model-sized frames,
-backpressure policies, fps sampling, and a live MPEG-TS/UDP source (ffmpeg) that stops and comes back."""
+"""StreamDecoder on its own (a plain object here; the runner makes it a Ray actor): model-sized frames, YUV
+output, backpressure policies, fps sampling, and a live MPEG-TS/UDP source (ffmpeg) that stops and comes back."""
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import encode_video, free_port
 from model.image_size import get_resize_output_size
+from model.yuv import yuv420_to_rgb
 from pipeline.config import DecoderConfig, SourceConfig
-from pipeline.decoder import StreamDecoder
+from pipeline.decoder import FrameFormat, StreamDecoder
 
 SIZE = {"shortest_edge": 32, "longest_edge": 48}
 LIVE = DecoderConfig(open_timeout_s=2, read_timeout_s=1, reconnect_initial_s=0.2, reconnect_max_s=0.5,
@@ -17,13 +20,17 @@ LIVE = DecoderConfig(open_timeout_s=2, read_timeout_s=1, reconnect_initial_s=0.2
 
 
 def read_all(decoder: StreamDecoder, max_frames: int = 4, pause_s: float = 0.0):
-    metas, arrays, events = [], [], []
+    """Frame metadata, arrays and events of every chunk, and the last chunk's info (`formats`: of the chunks
+    with frames)."""
+    metas, arrays, events, formats = [], [], [], set()
     while True:
         info, frames = decoder.read(max_frames, wait_s=1.0)
         metas += info.frames
         arrays += list(frames)
         events += info.events
+        formats |= {info.format} if info.frames else set()
         if info.finished:
+            info.formats = formats
             return metas, arrays, events, info
         time.sleep(pause_s)
 
@@ -37,6 +44,26 @@ def test_file_frames_are_model_sized_and_never_dropped(tmp_path):
     assert {a.shape for a in arrays} == {(height, width, 3)} and (height, width) == (27, 48)
     assert {(m.width, m.height) for m in metas} == {(160, 90)}  # metadata keeps the source size
     assert [e.type for e in events] == ["started"] and events[0].details["frames"] == 30
+    assert info.formats == {FrameFormat()}  # rgb24 by default (CPU workers)
+
+
+@pytest.mark.parametrize("size, planes", [
+    # Source no bigger than twice the model input: the decoder's planes as they are, 1.5 bytes a pixel.
+    ({"shortest_edge": 64, "longest_edge": 120}, (135, 160)),
+    # A much larger source: scaled to model size (27x48) by swscale, rounded down to even sizes for 4:2:0.
+    (SIZE, (39, 48)),
+])
+def test_yuv420_output_sends_the_planes_and_converts_like_rgb(tmp_path, size, planes):
+    video = encode_video(tmp_path / "v.mp4", 6, (160, 90))
+    source = SourceConfig(id="v", url=str(video))
+    metas, arrays, _, info = read_all(StreamDecoder(source, size, DecoderConfig(output="yuv420")))
+    assert info.formats == {FrameFormat("yuv420p", "bt601", full_range=False)} and len(metas) == 6
+    assert {a.shape for a in arrays} == {planes} and {(m.width, m.height) for m in metas} == {(160, 90)}
+    # Converted on the worker's side, the native planes are the RGB frames the rgb output gives at that size.
+    if planes == (135, 160):
+        rgb = read_all(StreamDecoder(source, {"height": 90, "width": 160}, DecoderConfig(output="rgb")))[1]
+        converted = yuv420_to_rgb(torch.from_numpy(np.stack(arrays))).numpy().astype(int)
+        assert np.abs(converted - np.stack(rgb)).max() <= 3
 
 
 def test_fps_sampling_and_resume(tmp_path):
