@@ -1,17 +1,19 @@
 """CPU per stream of one StreamDecoder on 1080p30 (or `--size 720p`) H.264: the sizing input for decoder nodes (deploy/README.md).
 
 Compared in one run, on the same file:
-  baseline  PyAV decoding the file with the decoder's threading and no conversion
-  decoder   pipeline.decoder.StreamDecoder (decode, swscale to model size, buffering), drained by read() as the
-            runner drains it, without Ray
-Each reports CPU-seconds per second of video (= cores one 30 fps stream keeps busy) and the decoder's ratio to
-the baseline, i.e. what the resize, the RGB conversion and the buffering add.
+  baseline        PyAV decoding the file with the decoder's threading and no conversion
+  decoder_rgb     pipeline.decoder.StreamDecoder with `decoder.output: rgb` (decode, swscale to RGB at model size,
+                  buffering), drained by read() as the runner drains it, without Ray
+  decoder_yuv420  the same with `decoder.output: yuv420` (the decoder's YUV 4:2:0 planes; the GPU workers' default)
+Each reports CPU-seconds per second of video (= cores one 30 fps stream keeps busy), frames per core-second, the
+bytes a frame puts into the object store, and the decoder's ratio to the baseline, i.e. what the conversion and
+the buffering add.
 
 The clip is a moving random texture with per-frame noise, encoded at about 8 Mbit/s like a 1080p30 camera, rather
 than the shapes video: flat colours decode much faster than camera footage, and sizing should err on the
 expensive side.
 
-    python bench/bench_decoder.py [--seconds 6] [--repeats 3] [--size 1080p|720p]
+    python bench/bench_decoder.py [--seconds 6] [--repeats 3] [--size 1080p|720p] [--short-side 800]
 """
 import argparse
 import json
@@ -23,12 +25,12 @@ from pathlib import Path
 import av
 import numpy as np
 
+from model.image_size import get_resize_output_size
 from pipeline.config import DecoderConfig, SourceConfig
 from pipeline.decoder import StreamDecoder
 
 SIZES = {"1080p": (1920, 1080), "720p": (1280, 720)}  # width, height
 FPS = 30
-MODEL_SIZE = {"shortest_edge": 800, "longest_edge": 1333}  # the processor's default: 1080p becomes 750x1333
 
 
 def cpu_seconds() -> float:
@@ -53,21 +55,23 @@ def write_clip(path: Path, seconds: int, size: tuple[int, int]) -> None:
         container.mux(stream.encode())
 
 
-def decode_only(path: Path) -> int:
+def decode_only(path: Path) -> tuple[int, int]:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # what StreamDecoder uses for files
-        return sum(1 for _ in container.decode(stream))
+        return sum(1 for _ in container.decode(stream)), 0
 
 
-def stream_decoder(path: Path) -> int:
-    decoder = StreamDecoder(SourceConfig(id="bench", url=str(path)), MODEL_SIZE, DecoderConfig())
-    frames = 0
-    while True:
-        info, chunk = decoder.read(8)
-        frames += len(info.frames)
-        if info.finished:
-            return frames
+def stream_decoder(size: dict[str, int], output: str):
+    def drain(path: Path) -> tuple[int, int]:
+        decoder = StreamDecoder(SourceConfig(id="bench", url=str(path)), size, DecoderConfig(output=output))
+        frames = nbytes = 0
+        while True:
+            info, chunk = decoder.read(8)
+            frames, nbytes = frames + len(info.frames), nbytes + chunk.nbytes
+            if info.finished:
+                return frames, nbytes
+    return drain
 
 
 def cores_per_stream(function, path: Path, repeats: int) -> dict:
@@ -75,10 +79,10 @@ def cores_per_stream(function, path: Path, repeats: int) -> dict:
     best = float("inf")
     for _ in range(repeats):
         start = cpu_seconds()
-        frames = function(path)
+        frames, nbytes = function(path)
         best = min(best, cpu_seconds() - start)
     return {"frames": frames, "cpu_s": round(best, 3), "cores_per_stream": round(best / (frames / FPS), 3),
-            "frames_per_core_s": round(frames / best, 1)}
+            "frames_per_core_s": round(frames / best, 1), "bytes_per_frame": nbytes // frames}
 
 
 def main() -> None:
@@ -86,18 +90,25 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", choices=list(SIZES), default="1080p")
+    parser.add_argument("--short-side", type=int, default=800,
+                        help="model input short side (the long side at most short * 1333 / 800)")
     args = parser.parse_args()
+    model_size = {"shortest_edge": args.short_side, "longest_edge": args.short_side * 1333 // 800}
+    width, height = SIZES[args.size]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "clip.mp4"
-        write_clip(path, args.seconds, SIZES[args.size])
+        write_clip(path, args.seconds, (width, height))
         mbit_per_s = path.stat().st_size * 8 / 1e6 / args.seconds
         baseline = cores_per_stream(decode_only, path, args.repeats)
-        decoder = cores_per_stream(stream_decoder, path, args.repeats)
+        decoders = {f"decoder_{output}": cores_per_stream(stream_decoder(model_size, output), path, args.repeats)
+                    for output in ("rgb", "yuv420")}
+    model_height, model_width = get_resize_output_size(height, width, model_size)
     print(json.dumps({
         "bench": "decoder_cpu", "video": f"{args.size}{FPS} H.264, {args.seconds} s, {mbit_per_s:.1f} Mbit/s",
-        "model_size": "750x1333", "cpu": platform.processor() or platform.machine(), "pyav": av.__version__,
-        "baseline": baseline, "decoder": decoder,
-        "ratio_vs_baseline": round(decoder["cpu_s"] / baseline["cpu_s"], 2),
+        "model_size": f"{model_height}x{model_width}", "cpu": platform.processor() or platform.machine(),
+        "pyav": av.__version__, "baseline": baseline, **decoders,
+        "ratio_vs_baseline": {name: round(d["cpu_s"] / baseline["cpu_s"], 2) for name, d in decoders.items()},
+        "yuv420_speedup_vs_rgb": round(decoders["decoder_rgb"]["cpu_s"] / decoders["decoder_yuv420"]["cpu_s"], 2),
     }, indent=2))
 
 

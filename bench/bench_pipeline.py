@@ -5,8 +5,9 @@ All run in the same process on the same videos, weights and Redis (a private red
             -> model -> post-process -> one XADD, with our Detector in float32 (what a first version would run)
   naive_with_switches  the same loop with the pipeline's --autocast / --compile (only when one is given)
   naive_transformers  the same loop with the reference: transformers' processor, model and post-processing
-  pipeline  `run_job`: a StreamDecoder actor per source (swscale to model size), batches across sources,
-            DetectorWorker actor(s), pipelined XADDs
+  pipeline  `run_job`: a StreamDecoder actor per source (`--decoder-output`: rgb, swscale to model size; yuv420,
+            the decoder's planes, converted and resized by the worker), batches across sources, DetectorWorker
+            actor(s), pipelined XADDs
   model_ceiling  the workers' compute limit: our Detector alone on batches of model-sized frames (no decode, Ray
             or Redis), one worker's threads, times the number of workers
 Reports frames/s of each (wall time from the first frame requested to the last result in Redis; the pipeline's
@@ -20,6 +21,7 @@ every forward pass several times slower and noisier.
 
     python bench/bench_pipeline.py [--sources 4] [--seconds 8] [--batch-size 8] [--threads 1] [--workers 1]
                                    [--num-gpus 0] [--autocast bfloat16] [--compile] [--model DIR] [--short-side N]
+                                   [--decoder-output rgb|yuv420] [--naive-sources K]
 
 The model is `model/weights/shapes-tiny` when it exists, otherwise a random tiny model (said in the output).
 """
@@ -189,7 +191,7 @@ def pipeline(videos: list[Path], settings: ModelSettings, redis_url: str, args: 
         "batching": {"max_batch_size": args.batch_size},
         # Ray's CPU counts are reservations: the workers' threads take what the decoders do not use.
         "workers": {"count": args.workers, "num_cpus": args.threads, "num_gpus": args.num_gpus},
-        "decoder": {"num_cpus": 0},
+        "decoder": {"num_cpus": 0, "output": args.decoder_output},
         "model": settings.model_dump(), "redis": {"url": redis_url, "prefix": "bench"}})
     job = Job(config, RedisSink(connect(redis_url), "bench"))
     sampler = CpuSampler()
@@ -202,8 +204,9 @@ def pipeline(videos: list[Path], settings: ModelSettings, redis_url: str, args: 
     writing = max(s.last_at for s in stats) - min(s.first_at for s in stats)
     # Where the cores went, start-up included (workers: importing torch and loading the model, ~1.5 s each).
     cpu_ms_per_frame = {role: round(cpu[role] * 1e3 / frames, 2) for role in sorted(cpu)}
-    return {"frames": frames, "seconds": round(seconds, 2), "fps": round(frames / seconds, 2),
-            "steady_fps": round((frames - 1) / writing, 2), "cpu_ms_per_frame": cpu_ms_per_frame,
+    return {"decoder_output": config.decoder_output, "frames": frames, "seconds": round(seconds, 2),
+            "fps": round(frames / seconds, 2), "steady_fps": round((frames - 1) / writing, 2),
+            "cpu_ms_per_frame": cpu_ms_per_frame,
             "per_source": summary}
 
 
@@ -220,6 +223,10 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="checkpoint directory (default: the bundled shapes-tiny)")
     parser.add_argument("--short-side", type=int, help="model input size: this short side, the long side at most "
                         "1333/800 times it (default: the checkpoint's processor config)")
+    parser.add_argument("--decoder-output", choices=["rgb", "yuv420"],
+                        help="the pipeline's decoder.output (default: yuv420 with --num-gpus, else rgb)")
+    parser.add_argument("--naive-sources", type=int, help="run the naive loops over the first K videos only (their "
+                        "frames/s does not depend on the number of sources; default: all)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
@@ -242,10 +249,12 @@ def main() -> None:
         # The sequential loops get the intra-op threads of all pipeline workers together: the same cores.
         torch.set_num_threads(min(args.threads * args.workers, os.cpu_count()))
         sink = RedisSink(connect(redis_url), "bench")
-        naive_results = {"naive": naive(videos, ours_infer(baseline), "ours", sink)}
+        naive_videos = videos[:args.naive_sources]
+        naive_results = {"naive": naive(naive_videos, ours_infer(baseline), "ours", sink)}
         if settings != baseline:
-            naive_results["naive_with_switches"] = naive(videos, ours_infer(settings), "ours-switches", sink)
-        naive_results["naive_transformers"] = naive(videos, transformers_infer(baseline, work), "transformers", sink)
+            naive_results["naive_with_switches"] = naive(naive_videos, ours_infer(settings), "ours-switches", sink)
+        naive_results["naive_transformers"] = naive(naive_videos, transformers_infer(baseline, work), "transformers",
+                                                    sink)
         pipeline_result = pipeline(videos, settings, redis_url, args)
     finally:
         ray.shutdown()
@@ -259,6 +268,7 @@ def main() -> None:
         "bench": "pipeline", "sources": args.sources, "source_size": list(SIZE), "seconds_per_source": args.seconds,
         "model": str(model_path), "random_weights": random_weights, "model_size": load_processor(settings).size,
         "autocast": args.autocast, "compile": args.compile, "batch_size": args.batch_size,
+        "naive_sources": len(videos[:args.naive_sources]),
         "threads": args.threads, "workers": args.workers, "naive_threads": torch.get_num_threads(),
         **naive_results, "pipeline": pipeline_result, "model_ceiling": ceiling, **ratios,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),

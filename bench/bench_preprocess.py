@@ -5,7 +5,9 @@ Compared in one run, on the same frames:
   hf_pil        transformers' PIL backend (the numbers we reproduce)
   ours_pil      our `preprocess` on numpy frames (PIL resize)
   ours_frames   our `preprocess_frames` on a uint8 (B,H,W,3) tensor (torch resize), on CPU and, if present, CUDA
-  ours_frames_model_size  the same for frames the decoder already scaled to 750x1333 (the pipeline's case)
+  ours_frames_model_size  the same for frames the decoder already scaled to 750x1333 (`decoder.output: rgb`)
+  ours_yuv420   the 1280x720 frames as YUV 4:2:0 planes (`decoder.output: yuv420`): `yuv420_to_rgb`, then
+                `preprocess_frames` (torch resize); the worker's share of the GPU workers' default
 Each entry reports images/s (best of `--repeats` timed calls) and its ratio to the baseline at the same batch size.
 
     python bench/bench_preprocess.py [--repeats 5] [--threads 2]
@@ -18,10 +20,12 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import av  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from model.image_processor import ConditionalDetrImageProcessor, get_resize_output_size  # noqa: E402
+from model.yuv import yuv420_to_rgb  # noqa: E402
 
 WIDTH, HEIGHT = 1280, 720
 
@@ -68,6 +72,8 @@ def run(repeats: int) -> dict:
             "ours_pil": best_images_per_second(lambda: ours(list(images), return_tensors="pt"), batch_size, repeats),
         }
         scaled = frames(batch_size, model_height, model_width)
+        planes = np.stack([av.VideoFrame.from_ndarray(image, format="rgb24").to_ndarray(format="yuv420p")
+                           for image in images])
         for device in devices:
             sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
             full = torch.from_numpy(images).to(device)
@@ -76,6 +82,9 @@ def run(repeats: int) -> dict:
                                                                       batch_size, repeats, sync)
             entries[f"ours_frames_model_size_{device}"] = best_images_per_second(
                 lambda: ours.preprocess_frames(at_model_size), batch_size, repeats, sync)
+            yuv = torch.from_numpy(planes).to(device)
+            entries[f"ours_yuv420_{device}"] = best_images_per_second(
+                lambda: ours.preprocess_frames(yuv420_to_rgb(yuv)), batch_size, repeats, sync)
         baseline = entries["baseline"]
         results[f"batch_{batch_size}"] = {name: {"images_per_s": round(value, 1),
                                                  "ratio_vs_baseline": round(value / baseline, 2)}
