@@ -6,10 +6,11 @@ random weights, fp32. Prints one JSON object. Two modes:
                      at batch 1 and 4 (`--batch-sizes`), starting from host memory: ours = `frames_to_device`
                      (pinned on a GPU) + `preprocess_frames` + model + `post_process_object_detection`;
                      transformers = its default (torchvision) processor on uint8 CHW tensors, run on the device,
-                     + model + its post-processing
+                     + model + its post-processing; `_yuv420`: ours from the frames' YUV 4:2:0 planes
+                     (`decoder.output: yuv420`: `yuv420_to_rgb` on the device before `preprocess_frames`)
 
     .venv/bin/python bench/bench_model.py [--end-to-end] [--repeats 3] [--threads 1] [--compile]
-                                          [--autocast bfloat16] [--device cpu]
+                                          [--autocast bfloat16 [float16]] [--device cpu]
 
 Our model runs in the variants of `model.inference.optimize` (VARIANTS; `--compile` and `--autocast` add one
 each), so every switch is measured against the same baseline. `transformers` is measured with its default SDPA
@@ -32,6 +33,8 @@ from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import av  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import ConditionalDetrConfig as HFConfig  # noqa: E402
@@ -43,6 +46,7 @@ from bench_preprocess import HEIGHT, WIDTH, frames  # noqa: E402
 from model.conditional_detr import ConditionalDetrForObjectDetection  # noqa: E402
 from model.image_processor import ConditionalDetrImageProcessor  # noqa: E402
 from model.inference import InferenceOptions, frames_to_device, optimize  # noqa: E402
+from model.yuv import yuv420_to_rgb  # noqa: E402
 
 VARIANTS = {
     "ours": InferenceOptions(fold_batch_norm=False, channels_last=False),
@@ -88,11 +92,10 @@ def variant_options(args: argparse.Namespace) -> dict[str, InferenceOptions]:
     variants = dict(VARIANTS)
     if args.compile:
         variants["ours_compiled"] = InferenceOptions(compile=True)
-    if args.autocast:
-        variants[f"ours_autocast_{args.autocast}"] = InferenceOptions(dtype=getattr(torch, args.autocast))
-    if args.compile and args.autocast:
-        variants[f"ours_compiled_autocast_{args.autocast}"] = InferenceOptions(
-            compile=True, dtype=getattr(torch, args.autocast))
+    for dtype in args.autocast:
+        variants[f"ours_autocast_{dtype}"] = InferenceOptions(dtype=getattr(torch, dtype))
+        if args.compile:
+            variants[f"ours_compiled_autocast_{dtype}"] = InferenceOptions(compile=True, dtype=getattr(torch, dtype))
     return variants
 
 
@@ -134,12 +137,19 @@ def end_to_end_benchmark(args: argparse.Namespace, device: torch.device) -> dict
               "steps": "preprocess (resize to 750x1333, normalize, pad) + forward + post_process_object_detection"}
     for batch_size in args.batch_sizes:
         images = frames(batch_size, HEIGHT, WIDTH)  # (B, H, W, 3) host uint8, as the pipeline's workers receive
+        planes = np.stack([av.VideoFrame.from_ndarray(image, format="rgb24").to_ndarray(format="yuv420p")
+                           for image in images])
         chw = [frame.permute(2, 0, 1).contiguous() for frame in torch.from_numpy(images)]  # HF's fastest input
         sizes = [(HEIGHT, WIDTH)] * batch_size
 
         def run_ours(model: torch.nn.Module, pin_memory: bool = True) -> list[dict]:
             inputs = processor.preprocess_frames(frames_to_device(images, device, pin_memory))
             outputs = model(inputs["pixel_values"], inputs["pixel_mask"])
+            return processor.post_process_object_detection(outputs, threshold=0.5, target_sizes=sizes)
+
+        def run_ours_yuv420(model: torch.nn.Module) -> list[dict]:
+            frames_rgb = yuv420_to_rgb(frames_to_device(planes, device))
+            outputs = model(**processor.preprocess_frames(frames_rgb))
             return processor.post_process_object_detection(outputs, threshold=0.5, target_sizes=sizes)
 
         def run_transformers() -> list[dict]:
@@ -151,6 +161,8 @@ def end_to_end_benchmark(args: argparse.Namespace, device: torch.device) -> dict
         if device.type == "cuda":  # the pinned-memory switch only exists on a GPU
             functions["ours_fold_bn_channels_last_pageable"] = lambda: run_ours(
                 ours["ours_fold_bn_channels_last"], pin_memory=False)
+        # The frames as a decoder with `decoder.output: yuv420` sends them: 4:2:0 planes, converted on the device.
+        functions["ours_fold_bn_channels_last_yuv420"] = lambda: run_ours_yuv420(ours["ours_fold_bn_channels_last"])
         functions["transformers"] = run_transformers
         results = best_times(functions, args.repeats, device)
         per_second = {name: round(batch_size * 1000 / value["wall_ms"], 3) for name, value in results.items()}
@@ -185,7 +197,8 @@ def main() -> None:
                         "the CPU time is a clean measure of work even on a busy machine")
     parser.add_argument("--compile", action="store_true", help="also measure optimize(compile=True); the first "
                         "call compiles (minutes on a small CPU), the warm-up round absorbs it")
-    parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="also measure optimize(dtype=...)")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], nargs="+", default=[],
+                        help="also measure optimize(dtype=...) for each")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

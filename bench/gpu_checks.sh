@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU figures of bench/RESULTS.md in one call of the device tool (sized for ~8 of its 10 minutes on an H100/H200):
+#   1. model end to end, ours vs transformers, fp32 / bf16 / fp16, batch 1-64, from RGB and from YUV 4:2:0 frames;
+#   2. decoder CPU per stream on that machine's cores, rgb vs yuv420 output, at the 640 px model size;
+#   3. the pipeline: 50 concurrent 720p sources at 640 px short side (random R50, bf16, 2 workers sharing the GPU),
+#      decoder.output yuv420 (the GPU default), vs the naive loops; then the same with rgb if time is left.
+# Every benchmark writes its JSON to $OUT/<name>.json and its stderr to $OUT/<name>.err; $OUT/log says what ran.
+#
+# The device machine lacks ray, av, redis, pydantic and pycocotools: carry them as a tarball of site-packages.
+#   here:    echo /.carry/ >> .git/info/exclude && bash ../shared/tools/make-gpu-wheels.sh .carry/site.tar.xz --prune
+#   device:  run(command="bash bench/gpu_checks.sh .carry/site.tar.xz", carry=[".carry"], timeout_s=600)
+# The tree that travels must stay under 64 MiB: the tarball is ~45 MiB and model/weights ~26 MiB, so move
+# model/weights/shapes-tiny/model.safetensors out of the checkout for that call (nothing here uses it).
+#
+# Smoke test on a CPU machine first (minutes, tiny sizes): DEVICE=cpu QUICK=1 bash bench/gpu_checks.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench-out}
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ -n "${1:-}" ]; then
+    mkdir -p /tmp/site && xz -d < "$1" | tar -C /tmp/site -xf - || exit 1
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+PYTHON=${PYTHON:-python3}
+if [ -n "${QUICK:-}" ]; then  # the smoke test: every step, tiny sizes
+    BATCHES="1 2"; REPEATS=1; SOURCES=3; SECONDS_PER_SOURCE=1; BATCH=4; NUM_GPUS=0; THREADS=1
+    DECODE_SECONDS=1; R50=""
+else
+    BATCHES="1 8 32 64"; REPEATS=5; SOURCES=50; SECONDS_PER_SOURCE=8; BATCH=32; NUM_GPUS=0.5; THREADS=4
+    DECODE_SECONDS=4; R50=/tmp/r50
+fi
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, JSON to $OUT/NAME.json
+    local name=$1 limit=$2
+    shift 2
+    local started=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"
+    echo "$name: exit $? after $((SECONDS - started)) s" | tee -a "$OUT/log"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
+  nproc; "$PYTHON" -c "import torch; print('torch', torch.__version__)"; } >> "$OUT/log"
+
+step model 180 "$PYTHON" bench/bench_model.py --end-to-end --device "$DEVICE" --batch-sizes $BATCHES \
+    --autocast bfloat16 float16 --repeats $REPEATS
+step decoder 60 "$PYTHON" bench/bench_decoder.py --size 720p --seconds $DECODE_SECONDS --repeats 2 --short-side 640
+
+MODEL_ARGS=()
+if [ -n "$R50" ]; then  # random R50 weights (no download): the model of the 1,500 frames/s target
+    "$PYTHON" -c "from model import ConditionalDetrConfig, ConditionalDetrForObjectDetection as D; \
+D(ConditionalDetrConfig()).save_pretrained('$R50')" && MODEL_ARGS=(--model "$R50")
+fi
+for output in yuv420 rgb; do
+    step "pipeline-$output" 140 "$PYTHON" bench/bench_pipeline.py "${MODEL_ARGS[@]}" --short-side 640 \
+        --sources $SOURCES --seconds $SECONDS_PER_SOURCE --batch-size $BATCH --workers 2 --num-gpus $NUM_GPUS \
+        --threads $THREADS --autocast bfloat16 --naive-sources 1 --decoder-output $output
+done
