@@ -2,9 +2,10 @@
 # The GPU figures of bench/RESULTS.md in one call of the device tool (sized for ~8 of its 10 minutes on an H100/H200):
 #   1. model end to end, ours vs transformers, fp32 / bf16 / fp16, batch 1-64, from RGB and from YUV 4:2:0 frames;
 #   2. decoder CPU per stream on that machine's cores, rgb vs yuv420 output, at the 640 px model size;
-#   3. the pipeline: 50 concurrent 720p sources at 640 px short side (random R50, bf16, 2 workers sharing the GPU),
+#   3. where a bf16 batch of 32 spends its time, stage by stage, against the card's 989 TFLOP/s dense bf16 peak;
+#   4. the pipeline: 50 concurrent 720p sources at 640 px short side (random R50, bf16, 2 workers sharing the GPU),
 #      decoder.output yuv420 (the GPU default), vs the naive loops; then the same with rgb if time is left.
-# Every benchmark writes its JSON to $OUT/<name>.json and its stderr to $OUT/<name>.err; $OUT/log says what ran.
+# Every benchmark writes its JSON to $OUT/<name>.json, its stderr to $OUT/stderr.log; $OUT/log says what ran.
 #
 # The device machine lacks ray, av, redis, pydantic and pycocotools: carry them as a tarball of site-packages.
 #   here:    echo /.carry/ >> .git/info/exclude && bash ../shared/tools/make-gpu-wheels.sh .carry/site.tar.xz --prune
@@ -25,10 +26,11 @@ if [ -n "${1:-}" ]; then
 fi
 PYTHON=${PYTHON:-python3}
 if [ -n "${QUICK:-}" ]; then  # the smoke test: every step, tiny sizes
-    BATCHES="1 2"; REPEATS=1; SOURCES=3; SECONDS_PER_SOURCE=1; BATCH=4; NUM_GPUS=0; THREADS=1
+    BATCHES="1 2"; REPEATS=1; SOURCES=3; SECONDS_PER_SOURCE=1; BATCH=4; NUM_GPUS=0; THREADS=1; STAGE_BATCH=1
     DECODE_SECONDS=1; R50=""
 else
     BATCHES="1 8 32 64"; REPEATS=5; SOURCES=50; SECONDS_PER_SOURCE=8; BATCH=32; NUM_GPUS=0.5; THREADS=4
+    STAGE_BATCH=32
     DECODE_SECONDS=4; R50=/tmp/r50
 fi
 
@@ -36,24 +38,27 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, JSON to $OUT/NA
     local name=$1 limit=$2
     shift 2
     local started=$SECONDS
-    timeout "$limit" "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"
+    echo "== $name" >> "$OUT/stderr.log"
+    timeout "$limit" "$@" > "$OUT/$name.json" 2>> "$OUT/stderr.log"
     echo "$name: exit $? after $((SECONDS - started)) s" | tee -a "$OUT/log"
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
   nproc; "$PYTHON" -c "import torch; print('torch', torch.__version__)"; } >> "$OUT/log"
 
-step model 180 "$PYTHON" bench/bench_model.py --end-to-end --device "$DEVICE" --batch-sizes $BATCHES \
+step model 150 "$PYTHON" bench/bench_model.py --end-to-end --device "$DEVICE" --batch-sizes $BATCHES \
     --autocast bfloat16 float16 --repeats $REPEATS
 step decoder 60 "$PYTHON" bench/bench_decoder.py --size 720p --seconds $DECODE_SECONDS --repeats 2 --short-side 640
+step stages 45 "$PYTHON" bench/bench_stages.py --device "$DEVICE" --batch-size $STAGE_BATCH --autocast bfloat16 \
+    --repeats $REPEATS --peak-tflops 989
 
 MODEL_ARGS=()
 if [ -n "$R50" ]; then  # random R50 weights (no download): the model of the 1,500 frames/s target
     "$PYTHON" -c "from model import ConditionalDetrConfig, ConditionalDetrForObjectDetection as D; \
 D(ConditionalDetrConfig()).save_pretrained('$R50')" && MODEL_ARGS=(--model "$R50")
 fi
-for output in yuv420 rgb; do
-    step "pipeline-$output" 140 "$PYTHON" bench/bench_pipeline.py "${MODEL_ARGS[@]}" --short-side 640 \
-        --sources $SOURCES --seconds $SECONDS_PER_SOURCE --batch-size $BATCH --workers 2 --num-gpus $NUM_GPUS \
-        --threads $THREADS --autocast bfloat16 --naive-sources 1 --decoder-output $output
-done
+PIPELINE=("$PYTHON" bench/bench_pipeline.py "${MODEL_ARGS[@]}" --short-side 640 --sources $SOURCES
+          --seconds $SECONDS_PER_SOURCE --batch-size $BATCH --workers 2 --num-gpus $NUM_GPUS --threads $THREADS
+          --autocast bfloat16 --naive-sources 1)
+step pipeline-yuv420 140 "${PIPELINE[@]}" --decoder-output yuv420
+step pipeline-rgb 120 "${PIPELINE[@]}" --decoder-output rgb  # what is left of the 10 minutes

@@ -20,6 +20,7 @@ SCRIPTS = {
     "pipeline": "bench_pipeline.py",  # N concurrent 720p sources through Ray vs a naive sequential loop
     "decode": "bench_decoder.py",  # CPU per 1080p30 H.264 stream of the pipeline's decoder vs plain PyAV
     "peak": "bench_peak.py",  # FLOPs per frame and the CPU's practical peak: how far from the hardware limit
+    "stages": "bench_stages.py",  # one batch stage by stage: ms, GFLOP and TFLOP/s per stage vs the peak
 }
 
 

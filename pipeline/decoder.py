@@ -258,9 +258,9 @@ class StreamDecoder:
         # H.264/HEVC in 8 bits decode to yuv420p (yuvj420p when full range); other layouts go through swscale,
         # which keeps the matrix and gives limited range.
         native = frame.format.name in ("yuv420p", "yuvj420p") and (height, width) == (frame.height, frame.width)
-        # yuvj* layouts are full range by definition, and swscale turns them into limited-range yuv420p; a
-        # yuv420p frame tagged full range stays so (swscale, as PyAV calls it, leaves the range alone).
-        full_range = native if frame.format.name.startswith("yuvj") else frame.color_range == ColorRange.JPEG
+        # A frame tagged full range (MJPEG's are) stays full range through swscale, as PyAV calls it; an untagged
+        # yuvj* frame is full range by definition, but swscale makes it limited-range yuv420p.
+        full_range = frame.color_range == ColorRange.JPEG or (native and frame.format.name == "yuvj420p")
         array = frame.to_ndarray() if native else frame.to_ndarray(width=width, height=height, format="yuv420p")
         return FrameFormat("yuv420p", _MATRICES.get(frame.colorspace, "bt601"), full_range), array
 

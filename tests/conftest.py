@@ -66,7 +66,7 @@ def tiny_panoptic_model(tmp_path_factory) -> Path:
 
 
 def encode_video(path: Path, frames: int, size: tuple[int, int], fps: int = 10, codec: str = "libx264",
-                 options: dict | None = None) -> Path:
+                 options: dict | None = None, pix_fmt: str = "yuv420p") -> Path:
     """A video of a white square moving over a coloured background; the container comes from the suffix
     (`.mp4` with faststart, `.ts` for MPEG-TS)."""
     import av
@@ -74,7 +74,7 @@ def encode_video(path: Path, frames: int, size: tuple[int, int], fps: int = 10, 
     width, height = size
     with av.open(str(path), mode="w", options=options or {}) as container:
         stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         for i in range(frames):
             image = np.full((height, width, 3), (40, 90 + 5 * (i % 20), 160), np.uint8)
             x = (i * 7) % max(1, width - height // 3)

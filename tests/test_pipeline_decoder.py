@@ -13,6 +13,7 @@ from model.image_size import get_resize_output_size
 from model.yuv import yuv420_to_rgb
 from pipeline.config import DecoderConfig, SourceConfig
 from pipeline.decoder import FrameFormat, StreamDecoder
+from pipeline.worker import to_rgb
 
 SIZE = {"shortest_edge": 32, "longest_edge": 48}
 LIVE = DecoderConfig(open_timeout_s=2, read_timeout_s=1, reconnect_initial_s=0.2, reconnect_max_s=0.5,
@@ -64,6 +65,20 @@ def test_yuv420_output_sends_the_planes_and_converts_like_rgb(tmp_path, size, pl
         rgb = read_all(StreamDecoder(source, {"height": 90, "width": 160}, DecoderConfig(output="rgb")))[1]
         converted = yuv420_to_rgb(torch.from_numpy(np.stack(arrays))).numpy().astype(int)
         assert np.abs(converted - np.stack(rgb)).max() <= 3
+
+
+def test_yuv420_output_converts_other_layouts_to_420_and_keeps_the_range(tmp_path):
+    """MJPEG decodes to 4:2:2 tagged full range (yuvj422p): swscale makes yuv420p planes of it, still full range,
+    and the worker's conversion gives the rgb output's frame, but for the halved chroma detail."""
+    video = encode_video(tmp_path / "v.avi", 4, (96, 64), codec="mjpeg", pix_fmt="yuvj422p")
+    source, size = SourceConfig(id="v", url=str(video)), {"height": 64, "width": 96}
+    _, planes, _, info = read_all(StreamDecoder(source, size, DecoderConfig(output="yuv420")))
+    assert info.formats == {FrameFormat("yuv420p", "bt601", full_range=True)}
+    assert {p.shape for p in planes} == {(96, 96)}
+    rgb = np.stack(read_all(StreamDecoder(source, size, DecoderConfig(output="rgb")))[1]).astype(int)
+    [fmt] = info.formats
+    difference = np.abs(to_rgb(torch.from_numpy(np.stack(planes)), fmt).numpy().astype(int) - rgb)
+    assert difference.mean() < 2 and np.percentile(difference, 90) <= 3
 
 
 def test_fps_sampling_and_resume(tmp_path):
