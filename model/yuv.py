@@ -28,17 +28,17 @@ def yuv420_to_rgb(frames: torch.Tensor, matrix: str = "bt601", full_range: bool 
         raise ValueError(f"not yuv420p frames of even size: array rows {rows}, width {width}")
     luma = frames[:, :height].float()
     chroma = frames[:, height:].reshape(batch, 2, height // 2, width // 2).float() - 128.0
-    luma_scale, chroma_scale = (1.0, 1.0) if full_range else (255.0 / 219.0, 255.0 / 224.0)
-    if not full_range:
-        luma = luma.sub_(16.0).mul_(luma_scale)  # limited range: Y in [16, 235], Cb/Cr in [16, 240]
-    # Each channel's chroma term, R = Y + 2(1-Kr)Cr, B = Y + 2(1-Kb)Cb, G from Y = Kr R + Kg G + Kb B; computed at
-    # chroma resolution, a quarter of the pixels, then repeated 2x2 onto the luma grid.
+    if not full_range:  # limited range: Y in [16, 235] and Cb/Cr in [16, 240] stretched to the full 8 bits
+        luma = luma.sub_(16.0).mul_(255.0 / 219.0)
+        chroma = chroma.mul_(255.0 / 224.0)
+    cb, cr = chroma[:, 0], chroma[:, 1]
+    # R = Y + 2(1-Kr) Cr, B = Y + 2(1-Kb) Cb, and G from Y = Kr R + Kg G + Kb B. The chroma terms are computed at
+    # chroma resolution (a quarter of the pixels), then repeated 2x2 onto the luma grid.
     kr, kb = MATRICES[matrix]
     kg = 1.0 - kr - kb
-    to_rgb = chroma_scale * torch.tensor([[0.0, 2.0 * (1.0 - kr)],
-                                          [-2.0 * kb * (1.0 - kb) / kg, -2.0 * kr * (1.0 - kr) / kg],
-                                          [2.0 * (1.0 - kb), 0.0]], device=frames.device)
-    terms = torch.einsum("cj,bjhw->bchw", to_rgb, chroma)
+    terms = torch.stack([2.0 * (1.0 - kr) * cr,
+                         -(2.0 * kb * (1.0 - kb) / kg) * cb - (2.0 * kr * (1.0 - kr) / kg) * cr,
+                         2.0 * (1.0 - kb) * cb], dim=1)
     terms = terms[:, :, :, None, :, None].expand(-1, -1, -1, 2, -1, 2).reshape(batch, 3, height, width)
     rgb = terms.add_(luma[:, None]).round_().clamp_(0, 255).to(torch.uint8)
     return rgb.permute(0, 2, 3, 1)
