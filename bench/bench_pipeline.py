@@ -10,6 +10,12 @@ All run in the same process on the same videos, weights and Redis (a private red
             actor(s), pipelined XADDs
   model_ceiling  the workers' compute limit: our Detector alone on batches of model-sized frames (no decode, Ray
             or Redis), one worker's threads, times the number of workers
+With `--live S`, the sources are cameras instead of files: each video is looped in real time (`ffmpeg -re`, 25
+frames/s) to its own UDP port as MPEG-TS, the pipeline reads them as live sources (`drop_oldest`) for S seconds and
+then stops; it reports the frames/s it kept up with against the offered rate, the drops and the end-to-end latency
+(decode to Redis) p50/p95 per source. File sources are read as fast as they decode, so their latency is mostly
+time spent waiting in the bounded buffers: live sources give the latency a camera sees. (No naive loop in this mode:
+one sequential loop cannot read N live streams at once.)
 Reports frames/s of each (wall time from the first frame requested to the last result in Redis; the pipeline's
 includes starting its actors, so it also reports `steady_fps`, from its first result to its last), the ratios
 pipeline / each naive loop and pipeline / ceiling, the CPU milliseconds per frame that each role's processes used
@@ -21,7 +27,7 @@ every forward pass several times slower and noisier.
 
     python bench/bench_pipeline.py [--sources 4] [--seconds 8] [--batch-size 8] [--threads 1] [--workers 1]
                                    [--num-gpus 0] [--autocast bfloat16] [--compile] [--model DIR] [--short-side N]
-                                   [--decoder-output rgb|yuv420] [--naive-sources K]
+                                   [--decoder-output rgb|yuv420] [--naive-sources K] [--live S]
 
 The model is `model/weights/shapes-tiny` when it exists, otherwise a random tiny model (said in the output).
 """
@@ -29,6 +35,8 @@ import argparse
 import json
 import os
 import platform
+import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -47,12 +55,13 @@ from pipeline.config import DEFAULT_MODEL_PATH, ModelSettings, PipelineConfig  #
 from pipeline.demo import save_random_tiny_model  # noqa: E402
 from pipeline.redis_server import start_redis_server  # noqa: E402
 from pipeline.runner import Job  # noqa: E402
-from pipeline.schema import Detection, FrameResult  # noqa: E402
+from pipeline.schema import Detection, FrameResult, Stop  # noqa: E402
 from pipeline.sink import RedisSink, connect  # noqa: E402
 from pipeline.worker import Detector, load_model, load_processor  # noqa: E402
 from model.image_size import get_resize_output_size  # noqa: E402
 
 SIZE = (1280, 720)
+SOURCE_FPS = 25  # write_sample_video's rate
 
 
 Infer = Callable[[np.ndarray], tuple[list[Detection], dict]]
@@ -185,9 +194,31 @@ class CpuSampler:
                 continue
 
 
-def pipeline(videos: list[Path], settings: ModelSettings, redis_url: str, args: argparse.Namespace) -> dict:
+def live_cameras(videos: list[Path]) -> tuple[list[str], list[subprocess.Popen]]:
+    """Each video looped in real time to its own UDP port as MPEG-TS, as a camera would send it."""
+    urls, senders = [], []
+    for video in videos:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        urls.append(f"udp://127.0.0.1:{port}")
+        senders.append(subprocess.Popen(
+            ["ffmpeg", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(video), "-c", "copy", "-f",
+             "mpegts", f"udp://127.0.0.1:{port}?pkt_size=1316"]))
+    return urls, senders
+
+
+def stop_after(seconds: float, sink: RedisSink) -> threading.Timer:
+    """Send the job the `stop` control message (as `cdetr` users do) after `seconds`."""
+    message = {"json": Stop(op="stop").model_dump_json()}
+    timer = threading.Timer(seconds, lambda: sink.client.xadd(sink.control_key, message))
+    timer.start()
+    return timer
+
+
+def pipeline(urls: list[str], settings: ModelSettings, redis_url: str, args: argparse.Namespace) -> dict:
     config = PipelineConfig.model_validate({
-        "sources": [{"id": f"pipe-{i}", "url": str(v)} for i, v in enumerate(videos)],
+        "sources": [{"id": f"pipe-{i}", "url": url} for i, url in enumerate(urls)],
         "batching": {"max_batch_size": args.batch_size},
         # Ray's CPU counts are reservations: the workers' threads take what the decoders do not use.
         "workers": {"count": args.workers, "num_cpus": args.threads, "num_gpus": args.num_gpus},
@@ -196,6 +227,8 @@ def pipeline(videos: list[Path], settings: ModelSettings, redis_url: str, args: 
     job = Job(config, RedisSink(connect(redis_url), "bench"))
     sampler = CpuSampler()
     started = time.perf_counter()
+    if args.live:
+        stop_after(args.live, RedisSink(connect(redis_url), "bench"))
     summary = job.run()
     seconds = time.perf_counter() - started
     cpu = sampler.stop()
@@ -225,6 +258,8 @@ def main() -> None:
                         "1333/800 times it (default: the checkpoint's processor config)")
     parser.add_argument("--decoder-output", choices=["rgb", "yuv420"],
                         help="the pipeline's decoder.output (default: yuv420 with --num-gpus, else rgb)")
+    parser.add_argument("--live", type=float, metavar="S", help="cameras instead of files: each source a real-time "
+                        "UDP stream (ffmpeg), processed for S seconds; reports latency and drops")
     parser.add_argument("--naive-sources", type=int, help="run the naive loops over the first K videos only (their "
                         "frames/s does not depend on the number of sources; default: all)")
     args = parser.parse_args()
@@ -238,12 +273,13 @@ def main() -> None:
     baseline = ModelSettings(path=model_path, size=size)
     settings = baseline.model_copy(update={"autocast": args.autocast, "compile": args.compile})
     # At most 8 distinct videos (encoding 50 takes minutes); further sources read them again under their own ids.
-    distinct = [write_sample_video(work / f"src{i}.mp4", seconds=args.seconds, size=SIZE, seed=i)
+    distinct = [write_sample_video(work / f"src{i}.mp4", seconds=args.seconds, size=SIZE, seed=i, fps=SOURCE_FPS)
                 for i in range(min(args.sources, 8))]
     videos = [distinct[i % len(distinct)] for i in range(args.sources)]
     port = 20000 + os.getpid() % 20000
     redis_process = start_redis_server(port, work / "redis")
     redis_url = f"redis://127.0.0.1:{port}/0"
+    senders: list[subprocess.Popen] = []
     try:
         ray.init(num_cpus=os.cpu_count(), num_gpus=1 if torch.cuda.is_available() else 0,
                  include_dashboard=False, log_to_driver=False)
@@ -251,14 +287,20 @@ def main() -> None:
         # The sequential loops get the intra-op threads of all pipeline workers together: the same cores.
         torch.set_num_threads(min(args.threads * args.workers, os.cpu_count()))
         sink = RedisSink(connect(redis_url), "bench")
-        naive_videos = videos[:args.naive_sources]
-        naive_results = {"naive": naive(naive_videos, ours_infer(baseline), "ours", sink)}
-        if settings != baseline:
-            naive_results["naive_with_switches"] = naive(naive_videos, ours_infer(settings), "ours-switches", sink)
-        naive_results["naive_transformers"] = naive(naive_videos, transformers_infer(baseline, work), "transformers",
-                                                    sink)
-        pipeline_result = pipeline(videos, settings, redis_url, args)
+        naive_results = {}
+        if not args.live:
+            naive_videos = videos[:args.naive_sources]
+            naive_results["naive"] = naive(naive_videos, ours_infer(baseline), "ours", sink)
+            if settings != baseline:
+                naive_results["naive_with_switches"] = naive(naive_videos, ours_infer(settings), "ours-switches",
+                                                             sink)
+            naive_results["naive_transformers"] = naive(naive_videos, transformers_infer(baseline, work),
+                                                        "transformers", sink)
+        urls, senders = live_cameras(videos) if args.live else ([str(v) for v in videos], [])
+        pipeline_result = pipeline(urls, settings, redis_url, args)
     finally:
+        for sender in senders:
+            sender.terminate()
         ray.shutdown()
         redis_process.terminate()
     ratios = {}
@@ -270,7 +312,8 @@ def main() -> None:
         "bench": "pipeline", "sources": args.sources, "source_size": list(SIZE), "seconds_per_source": args.seconds,
         "model": str(model_path), "random_weights": random_weights, "model_size": load_processor(settings).size,
         "autocast": args.autocast, "compile": args.compile, "batch_size": args.batch_size,
-        "naive_sources": len(videos[:args.naive_sources]),
+        "naive_sources": 0 if args.live else len(videos[:args.naive_sources]), "live_seconds": args.live,
+        "offered_fps": args.sources * SOURCE_FPS if args.live else None,
         "threads": args.threads, "workers": args.workers, "naive_threads": torch.get_num_threads(),
         **naive_results, "pipeline": pipeline_result, "model_ceiling": ceiling, **ratios,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
