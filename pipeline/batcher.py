@@ -50,6 +50,10 @@ class Batcher:
             self.remove(chunk)
         return batch
 
+    def holds(self, source_id: str) -> bool:
+        """Whether a chunk of `source_id` is waiting for a batch."""
+        return any(c.source_id == source_id for c in self._waiting)
+
     def remove(self, chunk: Chunk) -> None:
         self._waiting = [c for c in self._waiting if c is not chunk]
 

@@ -4,7 +4,8 @@ The loop runs in the driver and only ever holds small objects: chunk metadata an
 from a decoder's object store straight to a worker (the ObjectRefs are passed as top-level task arguments).
 - Reads: one outstanding `read()` per source, for at most the per-source cap, and never more than
   `max_in_flight_per_source` frames between decoding and Redis: this is what bounds memory and propagates
-  backpressure to the decoder's buffer.
+  backpressure to the decoder's buffer. A live (`drop_oldest`) source is read only when none of its frames wait in
+  the batcher, its fair share of a batch at a time: its backlog stays in the decoder, which keeps the newest frames.
 - Placement: each source has a home node, one its workers run on; its decoder starts there and its chunks are
   batched per home node and sent only to that node's workers, so frames stay in one node's object store
   (pipeline/placement.py).
@@ -16,11 +17,12 @@ Ctrl-C (or a `stop` message) stops reading, waits for the batches already runnin
 unfinished file sources then resume from the last written frame on the next run.
 """
 import argparse
+import math
 import os
 import re
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,10 +201,20 @@ class Job:
 
     def _issue_reads(self) -> None:
         cap, limit = self.config.batching.source_cap, self.config.batching.max_in_flight_per_source
+        live_sources = Counter(run.home for run in self.sources.values() if run.config.backpressure == "drop_oldest")
         for run in self.sources.values():
-            if run.read is None and not run.decoded_all and run.in_flight < limit:
-                n = min(cap, limit - run.in_flight)
-                run.read = run.decoder.read.options(num_returns=2).remote(n, _READ_WAIT_S)
+            if run.read is not None or run.decoded_all or run.in_flight >= limit:
+                continue
+            n = min(cap, limit - run.in_flight)
+            if run.config.backpressure == "drop_oldest":
+                # A live source's frames should wait in its decoder, where drop_oldest keeps only the newest; read
+                # here they would age in the batcher (measured: p50 latency 5.3 s with 4 cameras over capacity,
+                # bench/RESULTS.md). So take its next frames only once the last ones have left the batcher, and
+                # only its fair share of a batch.
+                if self.batchers[run.home].holds(run.config.id):
+                    continue
+                n = min(n, math.ceil(self.config.batching.max_batch_size / live_sources[run.home]))
+            run.read = run.decoder.read.options(num_returns=2).remote(n, _READ_WAIT_S)
 
     def _timeout(self) -> float:
         """Until the next batch is due; while every worker is busy, a finishing batch is what to wait for."""

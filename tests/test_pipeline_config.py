@@ -135,6 +135,43 @@ def test_small_chunks_of_one_source_fill_a_batch_in_order():
     assert [(c.source_id, c.size) for c in batcher.next_batch(now=0.0)] == [("a", 3), ("b", 1)]
 
 
+class RecordingDecoder:
+    """Stands in for a decoder actor handle: records the frame counts the runner asks `read()` for."""
+
+    def __init__(self):
+        self.asked: list[int] = []
+        self.read = self
+
+    def options(self, **_):
+        return self
+
+    def remote(self, max_frames: int, wait_s: float):
+        self.asked.append(max_frames)
+        return ["info-ref", "frames-ref"]
+
+
+def test_live_sources_are_read_in_fair_shares_and_only_once_their_last_frames_left_the_batcher():
+    """Files are read up to the per-source cap; live (drop_oldest) sources a fair share of a batch each, and not
+    while a chunk of theirs still waits in the batcher, so their backlog stays in the decoder (newest kept)."""
+    from pipeline.runner import Job, SourceRun
+
+    config = load_config(env={}, overrides={"batching": {"max_batch_size": 8}, "sources": [
+        {"id": "file", "url": "a.mp4"}, *({"id": f"cam{i}", "url": f"udp://127.0.0.1:{5000 + i}"} for i in range(3))]})
+    job = Job(config, sink=None)
+    job.batchers = {"node": Batcher(8, timeout_s=1.0)}
+    job.sources = {s.id: SourceRun(s, RecordingDecoder(), "node") for s in config.sources}
+    job._issue_reads()
+    assert {i: run.decoder.asked for i, run in job.sources.items()} == {
+        "file": [8], "cam0": [3], "cam1": [3], "cam2": [3]}  # 3 cameras: ceil(8 / 3) frames each
+    for run in job.sources.values():
+        run.read = None  # the reads came back; cam0's and the file's chunks wait in the batcher
+    job.batchers["node"].add(chunk("cam0", 3))
+    job.batchers["node"].add(chunk("file", 8))
+    job._issue_reads()
+    assert {i: run.decoder.asked for i, run in job.sources.items()} == {
+        "file": [8, 8], "cam0": [3], "cam1": [3, 3], "cam2": [3, 3]}
+
+
 def test_model_size_override_reaches_the_processor(tmp_path, tiny_model):
     from pipeline.worker import load_processor
 
