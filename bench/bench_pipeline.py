@@ -10,8 +10,8 @@ All run in the same process on the same videos, weights and Redis (a private red
             actor(s), pipelined XADDs
   model_ceiling  the workers' compute limit: our Detector alone on batches of model-sized frames (no decode, Ray
             or Redis), one worker's threads, times the number of workers
-With `--live S`, the sources are cameras instead of files: each video is looped in real time (`ffmpeg -re`, 25
-frames/s) to its own UDP port as MPEG-TS, the pipeline reads them as live sources (`drop_oldest`) for S seconds and
+With `--live S`, the sources are cameras instead of files: each video is looped in real time (30 frames/s) to its
+own UDP port as MPEG-TS by a sender process, the pipeline reads them as live sources (`drop_oldest`) for S seconds and
 then stops; it reports the frames/s it kept up with against the offered rate, the drops and the end-to-end latency
 (decode to Redis) p50/p95 per source. File sources are read as fast as they decode, so their latency is mostly
 time spent waiting in the bounded buffers: live sources give the latency a camera sees. (No naive loop in this mode:
@@ -35,8 +35,8 @@ import argparse
 import json
 import os
 import platform
+import multiprocessing
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -61,7 +61,7 @@ from pipeline.worker import Detector, load_model, load_processor  # noqa: E402
 from model.image_size import get_resize_output_size  # noqa: E402
 
 SIZE = (1280, 720)
-SOURCE_FPS = 25  # write_sample_video's rate
+SOURCE_FPS = 30  # the sources' frame rate, a camera's
 
 
 Infer = Callable[[np.ndarray], tuple[list[Detection], dict]]
@@ -194,18 +194,45 @@ class CpuSampler:
                 continue
 
 
-def live_cameras(videos: list[Path]) -> tuple[list[str], list[subprocess.Popen]]:
-    """Each video looped in real time to its own UDP port as MPEG-TS, as a camera would send it."""
-    urls, senders = [], []
-    for video in videos:
+def live_cameras(videos: list[Path]) -> tuple[list[str], multiprocessing.Process]:
+    """Each video looped in real time to its own UDP port as MPEG-TS, as a camera would send it, by a process of
+    its own (one thread per camera), so that sending costs the driver nothing."""
+    urls = []
+    for _ in videos:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        urls.append(f"udp://127.0.0.1:{port}")
-        senders.append(subprocess.Popen(
-            ["ffmpeg", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(video), "-c", "copy", "-f",
-             "mpegts", f"udp://127.0.0.1:{port}?pkt_size=1316"]))
-    return urls, senders
+            urls.append(f"udp://127.0.0.1:{probe.getsockname()[1]}")
+    sender = multiprocessing.get_context("spawn").Process(
+        target=send_cameras, args=([str(v) for v in videos], urls), daemon=True)
+    sender.start()
+    return urls, sender
+
+
+def send_cameras(videos: list[str], urls: list[str]) -> None:
+    threads = [threading.Thread(target=send_camera, args=(video, url)) for video, url in zip(videos, urls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def send_camera(video: str, url: str) -> None:
+    """Loop `video` to `url` (MPEG-TS over UDP): each packet is sent when its decoding timestamp comes due."""
+    with av.open(f"{url}?pkt_size=1316", "w", format="mpegts") as output:
+        target, offset, started = None, 0, time.monotonic()
+        while True:
+            with av.open(video) as source:
+                stream = source.streams.video[0]
+                target = target or output.add_stream_from_template(stream)
+                end = 0
+                for packet in source.demux(stream):
+                    if packet.dts is None:  # the demuxer's final flush packet
+                        continue
+                    time.sleep(max(0.0, started + float((packet.dts + offset) * stream.time_base) - time.monotonic()))
+                    end = max(end, packet.pts + packet.duration)
+                    packet.pts, packet.dts, packet.stream = packet.pts + offset, packet.dts + offset, target
+                    output.mux(packet)
+                offset += end  # the next loop continues the timestamps
 
 
 def stop_after(seconds: float, sink: RedisSink) -> threading.Timer:
@@ -246,7 +273,7 @@ def pipeline(urls: list[str], settings: ModelSettings, redis_url: str, args: arg
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sources", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=8.0, help="length of each 25 fps source video")
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of each 30 fps source video")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per pipeline worker (the naive loops: threads x workers)")
     parser.add_argument("--workers", type=int, default=1, help="DetectorWorker actors (model replicas)")
@@ -259,7 +286,7 @@ def main() -> None:
     parser.add_argument("--decoder-output", choices=["rgb", "yuv420"],
                         help="the pipeline's decoder.output (default: yuv420 with --num-gpus, else rgb)")
     parser.add_argument("--live", type=float, metavar="S", help="cameras instead of files: each source a real-time "
-                        "UDP stream (ffmpeg), processed for S seconds; reports latency and drops")
+                        "UDP stream, processed for S seconds; reports latency and drops")
     parser.add_argument("--naive-sources", type=int, help="run the naive loops over the first K videos only (their "
                         "frames/s does not depend on the number of sources; default: all)")
     args = parser.parse_args()
@@ -279,7 +306,7 @@ def main() -> None:
     port = 20000 + os.getpid() % 20000
     redis_process = start_redis_server(port, work / "redis")
     redis_url = f"redis://127.0.0.1:{port}/0"
-    senders: list[subprocess.Popen] = []
+    sender = None
     try:
         ray.init(num_cpus=os.cpu_count(), num_gpus=1 if torch.cuda.is_available() else 0,
                  include_dashboard=False, log_to_driver=False)
@@ -296,10 +323,13 @@ def main() -> None:
                                                              sink)
             naive_results["naive_transformers"] = naive(naive_videos, transformers_infer(baseline, work),
                                                         "transformers", sink)
-        urls, senders = live_cameras(videos) if args.live else ([str(v) for v in videos], [])
+        if args.live:
+            urls, sender = live_cameras(videos)
+        else:
+            urls = [str(v) for v in videos]
         pipeline_result = pipeline(urls, settings, redis_url, args)
     finally:
-        for sender in senders:
+        if sender is not None:
             sender.terminate()
         ray.shutdown()
         redis_process.terminate()
