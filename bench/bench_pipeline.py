@@ -33,9 +33,9 @@ The model is `model/weights/shapes-tiny` when it exists, otherwise a random tiny
 """
 import argparse
 import json
+import multiprocessing
 import os
 import platform
-import multiprocessing
 import socket
 import tempfile
 import threading
@@ -83,6 +83,16 @@ def naive(videos: list[Path], infer: Infer, name: str, sink: RedisSink) -> dict:
                 frames += 1
     seconds = time.perf_counter() - started
     return {"frames": frames, "seconds": round(seconds, 2), "fps": round(frames / seconds, 2)}
+
+
+def naive_loops(videos: list[Path], baseline: ModelSettings, settings: ModelSettings, work: Path,
+                sink: RedisSink) -> dict[str, dict]:
+    """The naive loop with our model in float32, with the pipeline's switches (when any), and with transformers."""
+    results = {"naive": naive(videos, ours_infer(baseline), "ours", sink)}
+    if settings != baseline:
+        results["naive_with_switches"] = naive(videos, ours_infer(settings), "ours-switches", sink)
+    results["naive_transformers"] = naive(videos, transformers_infer(baseline, work), "transformers", sink)
+    return results
 
 
 def ours_infer(settings: ModelSettings) -> Infer:
@@ -255,7 +265,7 @@ def pipeline(urls: list[str], settings: ModelSettings, redis_url: str, args: arg
     sampler = CpuSampler()
     started = time.perf_counter()
     if args.live:
-        stop_after(args.live, RedisSink(connect(redis_url), "bench"))
+        stop_after(args.live, job.sink)
     summary = job.run()
     seconds = time.perf_counter() - started
     cpu = sampler.stop()
@@ -266,8 +276,7 @@ def pipeline(urls: list[str], settings: ModelSettings, redis_url: str, args: arg
     cpu_ms_per_frame = {role: round(cpu[role] * 1e3 / frames, 2) for role in sorted(cpu)}
     return {"decoder_output": config.decoder_output, "frames": frames, "seconds": round(seconds, 2),
             "fps": round(frames / seconds, 2), "steady_fps": round((frames - 1) / writing, 2),
-            "cpu_ms_per_frame": cpu_ms_per_frame,
-            "per_source": summary}
+            "cpu_ms_per_frame": cpu_ms_per_frame, "per_source": summary}
 
 
 def main() -> None:
@@ -313,19 +322,12 @@ def main() -> None:
         ceiling = model_ceiling(videos[0], settings, args)
         # The sequential loops get the intra-op threads of all pipeline workers together: the same cores.
         torch.set_num_threads(min(args.threads * args.workers, os.cpu_count()))
-        sink = RedisSink(connect(redis_url), "bench")
-        naive_results = {}
-        if not args.live:
-            naive_videos = videos[:args.naive_sources]
-            naive_results["naive"] = naive(naive_videos, ours_infer(baseline), "ours", sink)
-            if settings != baseline:
-                naive_results["naive_with_switches"] = naive(naive_videos, ours_infer(settings), "ours-switches",
-                                                             sink)
-            naive_results["naive_transformers"] = naive(naive_videos, transformers_infer(baseline, work),
-                                                        "transformers", sink)
         if args.live:
+            naive_results = {}
             urls, sender = live_cameras(videos)
         else:
+            sink = RedisSink(connect(redis_url), "bench")
+            naive_results = naive_loops(videos[:args.naive_sources], baseline, settings, work, sink)
             urls = [str(v) for v in videos]
         pipeline_result = pipeline(urls, settings, redis_url, args)
     finally:
