@@ -17,7 +17,6 @@ expensive side.
 """
 import argparse
 import json
-import platform
 import resource
 import tempfile
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from machine import cpu_model
 from model.image_size import get_resize_output_size
 from pipeline.config import DecoderConfig, SourceConfig
 from pipeline.decoder import StreamDecoder
@@ -105,7 +105,7 @@ def main() -> None:
     model_height, model_width = get_resize_output_size(height, width, model_size)
     print(json.dumps({
         "bench": "decoder_cpu", "video": f"{args.size}{FPS} H.264, {args.seconds} s, {mbit_per_s:.1f} Mbit/s",
-        "model_size": f"{model_height}x{model_width}", "cpu": platform.processor() or platform.machine(),
+        "model_size": f"{model_height}x{model_width}", "cpu": cpu_model(),
         "pyav": av.__version__, "baseline": baseline, **decoders,
         "ratio_vs_baseline": {name: round(d["cpu_s"] / baseline["cpu_s"], 2) for name, d in decoders.items()},
         "yuv420_speedup_vs_rgb": round(decoders["decoder_rgb"]["cpu_s"] / decoders["decoder_yuv420"]["cpu_s"], 2),

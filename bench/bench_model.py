@@ -43,6 +43,7 @@ from transformers import ConditionalDetrImageProcessor as HFProcessor  # noqa: E
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_preprocess import HEIGHT, WIDTH, frames  # noqa: E402
+from machine import cpu_model  # noqa: E402
 from model.conditional_detr import ConditionalDetrForObjectDetection  # noqa: E402
 from model.image_processor import ConditionalDetrImageProcessor  # noqa: E402
 from model.inference import InferenceOptions, frames_to_device, optimize  # noqa: E402
@@ -174,15 +175,6 @@ def end_to_end_benchmark(args: argparse.Namespace, device: torch.device) -> dict
             "max_abs_logit_diff_vs_transformers": max_logit_diffs(
                 ours, hf, dict(hf_processor(chw, return_tensors="pt", device=device).to(device)))}
     return report
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_model import cpu_model
+from machine import cpu_model
 from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig
 from model.inference import optimize

@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
+from machine import cpu_model  # noqa: E402
 from model.shapes import write_sample_video  # noqa: E402
 from pipeline.config import DEFAULT_MODEL_PATH, ModelSettings, PipelineConfig  # noqa: E402
 from pipeline.demo import save_random_tiny_model  # noqa: E402
@@ -348,7 +349,7 @@ def main() -> None:
         "offered_fps": args.sources * SOURCE_FPS if args.live else None,
         "threads": args.threads, "workers": args.workers, "naive_threads": torch.get_num_threads(),
         **naive_results, "pipeline": pipeline_result, "model_ceiling": ceiling, **ratios,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+        "machine": {"cpu_model": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "versions": {"torch": torch.__version__, "ray": ray.__version__, "av": av.__version__},
     }, indent=2))

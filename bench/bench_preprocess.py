@@ -15,7 +15,6 @@ Each entry reports images/s (best of `--repeats` timed calls) and its ratio to t
 import argparse
 import json
 import os
-import platform
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,6 +23,7 @@ import av  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from machine import cpu_model  # noqa: E402
 from model.image_processor import ConditionalDetrImageProcessor, get_resize_output_size  # noqa: E402
 from model.yuv import yuv420_to_rgb  # noqa: E402
 
@@ -101,7 +101,7 @@ def main() -> None:
     report = {"benchmark": "preprocess", "input": f"{WIDTH}x{HEIGHT} uint8 RGB",
               "output": "1333x750 float32 (shortest_edge 800, longest_edge 1333)",
               "baseline": "transformers ConditionalDetrImageProcessor (torchvision backend, uint8 CHW tensors)",
-              "torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+              "torch": torch.__version__, "threads": args.threads, "cpu": cpu_model(),
               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
               "repeats": args.repeats, "results": run(args.repeats)}
     print(json.dumps(report, indent=2))

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_model import cpu_model
+from machine import cpu_model
 from bench_preprocess import HEIGHT, WIDTH, frames
 from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig
