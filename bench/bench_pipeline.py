@@ -28,6 +28,7 @@ every forward pass several times slower and noisier.
     python bench/bench_pipeline.py [--sources 4] [--seconds 8] [--batch-size 8] [--threads 1] [--workers 1]
                                    [--num-gpus 0] [--autocast bfloat16] [--compile] [--model DIR] [--short-side N]
                                    [--decoder-output rgb|yuv420] [--naive-sources K] [--live S]
+                                   [--batches-in-flight 2]
 
 The model is `model/weights/shapes-tiny` when it exists, otherwise a random tiny model (said in the output).
 """
@@ -257,7 +258,7 @@ def stop_after(seconds: float, sink: RedisSink) -> threading.Timer:
 def pipeline(urls: list[str], settings: ModelSettings, redis_url: str, args: argparse.Namespace) -> dict:
     config = PipelineConfig.model_validate({
         "sources": [{"id": f"pipe-{i}", "url": url} for i, url in enumerate(urls)],
-        "batching": {"max_batch_size": args.batch_size},
+        "batching": {"max_batch_size": args.batch_size, "batches_in_flight_per_worker": args.batches_in_flight},
         # Ray's CPU counts are reservations: the workers' threads take what the decoders do not use.
         "workers": {"count": args.workers, "num_cpus": args.threads, "num_gpus": args.num_gpus},
         "decoder": {"num_cpus": 0, "output": args.decoder_output},
@@ -295,6 +296,8 @@ def main() -> None:
                         "1333/800 times it (default: the checkpoint's processor config)")
     parser.add_argument("--decoder-output", choices=["rgb", "yuv420"],
                         help="the pipeline's decoder.output (default: yuv420 with --num-gpus, else rgb)")
+    parser.add_argument("--batches-in-flight", type=int, default=2,
+                        help="the pipeline's batching.batches_in_flight_per_worker (queued batches per worker)")
     parser.add_argument("--live", type=float, metavar="S", help="cameras instead of files: each source a real-time "
                         "UDP stream, processed for S seconds; reports latency and drops")
     parser.add_argument("--naive-sources", type=int, help="run the naive loops over the first K videos only (their "
@@ -345,6 +348,7 @@ def main() -> None:
         "bench": "pipeline", "sources": args.sources, "source_size": list(SIZE), "seconds_per_source": args.seconds,
         "model": str(model_path), "random_weights": random_weights, "model_size": load_processor(settings).size,
         "autocast": args.autocast, "compile": args.compile, "batch_size": args.batch_size,
+        "batches_in_flight_per_worker": args.batches_in_flight,
         "naive_sources": 0 if args.live else len(videos[:args.naive_sources]), "live_seconds": args.live,
         "offered_fps": args.sources * SOURCE_FPS if args.live else None,
         "threads": args.threads, "workers": args.workers, "naive_threads": torch.get_num_threads(),
