@@ -10,7 +10,7 @@ random weights, fp32. Prints one JSON object. Two modes:
                      (`decoder.output: yuv420`: `yuv420_to_rgb` on the device before `preprocess_frames`)
 
     .venv/bin/python bench/bench_model.py [--end-to-end] [--repeats 3] [--threads 1] [--compile]
-                                          [--autocast bfloat16 [float16]] [--device cpu]
+                                          [--autocast bfloat16 [float16]] [--device cpu] [--variants NAME...]
 
 Our model runs in the variants of `model.inference.optimize` (VARIANTS; `--compile` and `--autocast` add one
 each), so every switch is measured against the same baseline. `transformers` is measured with its default SDPA
@@ -54,6 +54,7 @@ VARIANTS = {
     "ours_fold_bn": InferenceOptions(fold_batch_norm=True, channels_last=False),
     "ours_fold_bn_channels_last": InferenceOptions(fold_batch_norm=True, channels_last=True),  # the default
 }
+DEFAULT_VARIANT = "ours_fold_bn_channels_last"
 
 
 def timed(function: Callable[[], object], device: torch.device) -> tuple[float, float]:
@@ -97,7 +98,9 @@ def variant_options(args: argparse.Namespace) -> dict[str, InferenceOptions]:
         variants[f"ours_autocast_{dtype}"] = InferenceOptions(dtype=getattr(torch, dtype))
         if args.compile:
             variants[f"ours_compiled_autocast_{dtype}"] = InferenceOptions(compile=True, dtype=getattr(torch, dtype))
-    return variants
+    # The default is always kept: the pageable-copy and YUV variants run it.
+    return {name: options for name, options in variants.items()
+            if not args.variants or name in args.variants or name == DEFAULT_VARIANT}
 
 
 def build_models(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, torch.nn.Module], HFDetection,
@@ -145,12 +148,13 @@ def end_to_end_benchmark(args: argparse.Namespace, device: torch.device) -> dict
 
         def run_ours(model: torch.nn.Module, pin_memory: bool = True) -> list[dict]:
             inputs = processor.preprocess_frames(frames_to_device(images, device, pin_memory))
-            outputs = model(inputs["pixel_values"], inputs["pixel_mask"])
+            # Frames of one size are not padded: no mask, as the pipeline's Detector calls the model (no host sync).
+            outputs = model(inputs["pixel_values"])
             return processor.post_process_object_detection(outputs, threshold=0.5, target_sizes=sizes)
 
         def run_ours_yuv420(model: torch.nn.Module) -> list[dict]:
             frames_rgb = yuv420_to_rgb(frames_to_device(planes, device))
-            outputs = model(**processor.preprocess_frames(frames_rgb))
+            outputs = model(processor.preprocess_frames(frames_rgb)["pixel_values"])
             return processor.post_process_object_detection(outputs, threshold=0.5, target_sizes=sizes)
 
         def run_transformers() -> list[dict]:
@@ -161,9 +165,9 @@ def end_to_end_benchmark(args: argparse.Namespace, device: torch.device) -> dict
         functions = {name: (lambda m=m: run_ours(m)) for name, m in ours.items()}
         if device.type == "cuda":  # the pinned-memory switch only exists on a GPU
             functions["ours_fold_bn_channels_last_pageable"] = lambda: run_ours(
-                ours["ours_fold_bn_channels_last"], pin_memory=False)
+                ours[DEFAULT_VARIANT], pin_memory=False)
         # The frames as a decoder with `decoder.output: yuv420` sends them: 4:2:0 planes, converted on the device.
-        functions["ours_fold_bn_channels_last_yuv420"] = lambda: run_ours_yuv420(ours["ours_fold_bn_channels_last"])
+        functions["ours_fold_bn_channels_last_yuv420"] = lambda: run_ours_yuv420(ours[DEFAULT_VARIANT])
         functions["transformers"] = run_transformers
         results = best_times(functions, args.repeats, device)
         per_second = {name: round(batch_size * 1000 / value["wall_ms"], 3) for name, value in results.items()}
@@ -191,6 +195,9 @@ def main() -> None:
                         "call compiles (minutes on a small CPU), the warm-up round absorbs it")
     parser.add_argument("--autocast", choices=["bfloat16", "float16"], nargs="+", default=[],
                         help="also measure optimize(dtype=...) for each")
+    parser.add_argument("--variants", nargs="+", metavar="NAME",
+                        help=f"measure only these of our variants (and {DEFAULT_VARIANT}, always): each compiled "
+                        "one compiles once per batch size")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

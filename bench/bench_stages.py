@@ -49,7 +49,8 @@ def stage_functions(model, processor, images, device: torch.device) -> dict[str,
         state["inputs"] = processor.preprocess_frames(frames_to_device(images, device))
 
     def backbone(state: dict) -> None:
-        state["features"] = detr.extract_features(state["inputs"]["pixel_values"], state["inputs"]["pixel_mask"])
+        # Frames of one size: no mask, as the pipeline's Detector calls the model.
+        state["features"] = detr.extract_features(state["inputs"]["pixel_values"])
 
     def encoder(state: dict) -> None:
         state["memory"] = detr.encode(state["features"])

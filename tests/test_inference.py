@@ -62,8 +62,11 @@ def test_fold_refuses_a_training_batch_norm():
         fold_batch_norm(encoder)
 
 
-def test_optimized_segmentation_model_matches_unoptimized(tmp_path):
-    # The mask head reads the stride 4-16 backbone maps (FPN), which the fold and channels-last both touch.
+@pytest.mark.parametrize("options", [InferenceOptions(), InferenceOptions(compile=True, batch_size=3)],
+                         ids=["default", "compiled"])
+def test_optimized_segmentation_model_matches_unoptimized(tmp_path, options):
+    # The mask head reads the stride 4-16 backbone maps (FPN), which the fold and channels-last both touch; compiled,
+    # it reads them from the compiled detector, cut from a batch padded to 3 frames.
     torch.manual_seed(1)
     reference = HFSegmentation(HFConfig(**{**SMALL, "backbone": "resnet18", "d_model": 128})).eval()
     randomize_(reference, seed=1)
@@ -71,7 +74,7 @@ def test_optimized_segmentation_model_matches_unoptimized(tmp_path):
     batch = padded_batch()
     with torch.inference_mode():
         expected = model(*batch)
-        out = optimize(copy.deepcopy(model))(*batch)
+        out = optimize(copy.deepcopy(model), options)(*batch)
     torch.testing.assert_close(out.logits, expected.logits, atol=TOLERANCE, rtol=0)
     torch.testing.assert_close(out.pred_masks, expected.pred_masks, atol=TOLERANCE, rtol=0)
 
@@ -94,7 +97,7 @@ def test_autocast_runs_in_bfloat16_and_returns_float32(tmp_path):
     torch.testing.assert_close(out.logits, expected.logits, atol=0.25, rtol=0)
 
 
-def test_compiled_backbone_pads_every_batch_to_one_shape():
+def test_compiled_detector_is_one_graph_for_every_batch_size():
     from torch._dynamo.utils import counters
 
     torch.manual_seed(3)
@@ -106,15 +109,25 @@ def test_compiled_backbone_pads_every_batch_to_one_shape():
     compiled = optimize(copy.deepcopy(model), InferenceOptions(compile=True, batch_size=4))
     torch.compiler.reset()
     counters.clear()
+
+    def check(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> None:
+        out, expected = compiled(pixel_values, pixel_mask), eager(pixel_values, pixel_mask)
+        assert out.logits.shape == (len(pixel_values), 10, model.config.num_labels)
+        torch.testing.assert_close(out.logits, expected.logits, atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(out.pred_boxes, expected.pred_boxes, atol=TOLERANCE, rtol=0)
+
     with torch.inference_mode():
+        # Video batches (no mask): batches of 1-4 frames are one compilation of one graph, with no host sync
+        # breaking it (what lets CUDA replay the whole detector as one graph).
         for size in (1, 3, 4, 2):
-            pixel_values, pixel_mask = torch.randn(size, 3, 64, 96), torch.ones(size, 64, 96, dtype=torch.long)
+            check(torch.randn(size, 3, 64, 96), None)
+        assert counters["stats"]["unique_graphs"] == 1
+        assert not counters["graph_break"]
+        # A padded batch still gets the right outputs (its mask's host syncs split the graph).
+        for size in (3, 1):
+            pixel_mask = torch.ones(size, 64, 96, dtype=torch.long)
             pixel_mask[-1, :, 80:] = 0  # one padded frame, as the processor makes them
-            out, expected = compiled(pixel_values, pixel_mask), eager(pixel_values, pixel_mask)
-            assert out.logits.shape == (size, 10, model.config.num_labels)
-            torch.testing.assert_close(out.logits, expected.logits, atol=TOLERANCE, rtol=0)
-            torch.testing.assert_close(out.pred_boxes, expected.pred_boxes, atol=TOLERANCE, rtol=0)
-    assert counters["stats"]["unique_graphs"] == 1  # batches of 1-4 frames: one compilation, not four
+            check(torch.randn(size, 3, 64, 96), pixel_mask)
 
 
 def test_frames_to_device_copies_read_only_frames():

@@ -72,3 +72,41 @@ def test_a_segmentation_checkpoint_serves_detection_alone(tmp_path, tiny_panopti
     (panoptic_detections, with_panoptic), = panoptic([frame], [(60, 150)])[0]
     assert no_panoptic is None and with_panoptic is not None
     assert detections and [d.box for d in detections] == [d.box for d in panoptic_detections]
+
+
+def test_detector_gives_the_model_a_mask_only_for_padded_batches(tiny_model):
+    """Frames of different sizes are padded into one batch, and the padded frame's detections are those of the
+    model given the processor's mask; a batch of one size runs without a mask (no host sync) to the same result."""
+    detector = Detector(ModelSettings(path=str(tiny_model), threshold=0.0))
+    rng = np.random.default_rng(1)
+    # Padded enough to show in the stride-32 mask the attention reads (the model input is at most 64x96).
+    small, large = (torch.from_numpy(rng.integers(0, 255, shape, dtype=np.uint8)) for shape in ((20, 96, 3),
+                                                                                                 (64, 64, 3)))
+    sizes = [(60, 150), (130, 162)]
+    for frames in ([small, large], [small, small]):
+        results, _ = detector(frames, sizes)
+        with torch.inference_mode():
+            outputs = detector.model(**detector.processor.preprocess_frames(frames))
+        expected = detector.processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes,
+                                                                    top_k=detector.settings.top_k)
+        for (detections, _), reference in zip(results, expected):
+            assert detections
+            np.testing.assert_allclose([d.score for d in detections], reference["scores"].numpy(), atol=1e-5)
+            np.testing.assert_allclose([d.box for d in detections], reference["boxes"].numpy(), atol=1e-3)
+
+
+def test_compiled_detector_gives_the_eager_detections(tiny_model):
+    """`model.compile` as the pipeline's workers run it: batches padded to the largest batch, no mask for frames
+    of one size, a mask for frames of different sizes; the same detections as without it."""
+    eager = Detector(ModelSettings(path=str(tiny_model), threshold=0.0))
+    compiled = Detector(ModelSettings(path=str(tiny_model), threshold=0.0, compile=True), batch_size=3)
+    rng = np.random.default_rng(2)
+    small, large = (torch.from_numpy(rng.integers(0, 255, shape, dtype=np.uint8)) for shape in ((20, 96, 3),
+                                                                                                 (64, 64, 3)))
+    for frames in ([large], [large, large], [small, large]):
+        sizes = [tuple(frame.shape[:2]) for frame in frames]
+        for (ours, _), (expected, _) in zip(compiled(frames, sizes)[0], eager(frames, sizes)[0]):
+            assert ours and len(ours) == len(expected)
+            for detection in ours:  # matched by label and score, not by rank: near-ties may swap places
+                assert any(d.label == detection.label and abs(d.score - detection.score) < 1e-4
+                           and np.allclose(d.box, detection.box, atol=1e-2) for d in expected)
