@@ -28,7 +28,7 @@ every forward pass several times slower and noisier.
     python bench/bench_pipeline.py [--sources 4] [--seconds 8] [--batch-size 8] [--threads 1] [--workers 1]
                                    [--num-gpus 0] [--autocast bfloat16] [--compile] [--model DIR] [--short-side N]
                                    [--decoder-output rgb|yuv420] [--naive-sources K] [--live S]
-                                   [--batches-in-flight 2]
+                                   [--batches-in-flight N]
 
 The model is `model/weights/shapes-tiny` when it exists, otherwise a random tiny model (said in the output).
 """
@@ -280,7 +280,8 @@ def pipeline(urls: list[str], settings: ModelSettings, redis_url: str, args: arg
     writing = max(s.last_at for s in stats) - min(s.first_at for s in stats)
     # Where the cores went, start-up included (workers: importing torch and loading the model, ~1.5 s each).
     cpu_ms_per_frame = {role: round(cpu[role] * 1e3 / frames, 2) for role in sorted(cpu)}
-    return {"decoder_output": config.decoder_output, "frames": frames, "seconds": round(seconds, 2),
+    return {"decoder_output": config.decoder_output,
+            "batches_in_flight_per_worker": config.batches_in_flight_per_worker, "frames": frames, "seconds": round(seconds, 2),
             "fps": round(frames / seconds, 2), "steady_fps": round((frames - 1) / writing, 2),
             "cpu_ms_per_frame": cpu_ms_per_frame, "per_source": summary}
 
@@ -300,8 +301,9 @@ def main() -> None:
                         "1333/800 times it (default: the checkpoint's processor config)")
     parser.add_argument("--decoder-output", choices=["rgb", "yuv420"],
                         help="the pipeline's decoder.output (default: yuv420 with --num-gpus, else rgb)")
-    parser.add_argument("--batches-in-flight", type=int, default=2,
-                        help="the pipeline's batching.batches_in_flight_per_worker (queued batches per worker)")
+    parser.add_argument("--batches-in-flight", type=int,
+                        help="the pipeline's batching.batches_in_flight_per_worker (default: the pipeline's, 1 on "
+                        "CPU workers, 2 on GPU workers)")
     parser.add_argument("--live", type=float, metavar="S", help="cameras instead of files: each source a real-time "
                         "UDP stream, processed for S seconds; reports latency and drops")
     parser.add_argument("--naive-sources", type=int, help="run the naive loops over the first K videos only (their "
@@ -352,7 +354,6 @@ def main() -> None:
         "bench": "pipeline", "sources": args.sources, "source_size": list(SIZE), "seconds_per_source": args.seconds,
         "model": str(model_path), "random_weights": random_weights, "model_size": load_processor(settings).size,
         "autocast": args.autocast, "compile": args.compile, "batch_size": args.batch_size,
-        "batches_in_flight_per_worker": args.batches_in_flight,
         "naive_sources": 0 if args.live else len(videos[:args.naive_sources]), "live_seconds": args.live,
         "offered_fps": args.sources * SOURCE_FPS if args.live else None,
         "threads": args.threads, "workers": args.workers, "naive_threads": torch.get_num_threads(),

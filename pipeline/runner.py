@@ -331,7 +331,7 @@ class Job:
             if worker in load:
                 load[worker] += 1
         best = min(load, key=load.__getitem__)
-        return best if load[best] < self.config.batching.batches_in_flight_per_worker else None
+        return best if load[best] < self.config.batches_in_flight_per_worker else None
 
     def _on_batch(self, ref: ray.ObjectRef) -> None:
         _, batch = self.batches.pop(ref)

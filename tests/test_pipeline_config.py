@@ -218,3 +218,12 @@ def test_relative_file_paths_become_absolute(tmp_path, monkeypatch):
 ])
 def test_decoder_output_defaults_by_where_the_workers_run(data, output):
     assert load_config(env={}, overrides=data).decoder_output == output
+
+
+@pytest.mark.parametrize("data, in_flight", [
+    ({}, 1),  # CPU workers: a second batch would only wait
+    ({"workers": {"num_gpus": 1}}, 2),  # GPU workers: the next batch's frames arrive while one computes
+    ({"batching": {"batches_in_flight_per_worker": 3}}, 3),  # an explicit choice wins
+])
+def test_batches_in_flight_default_by_where_the_workers_run(data, in_flight):
+    assert load_config(env={}, overrides=data).batches_in_flight_per_worker == in_flight
