@@ -282,7 +282,8 @@ def pipeline(urls: list[str], settings: ModelSettings, redis_url: str, args: arg
     cpu_ms_per_frame = {role: round(cpu[role] * 1e3 / frames, 2) for role in sorted(cpu)}
     return {"decoder_output": config.decoder_output,
             "batches_in_flight_per_worker": config.batches_in_flight_per_worker,
-            "frames": frames, "seconds": round(seconds, 2), "fps": round(frames / seconds, 2), "steady_fps": round((frames - 1) / writing, 2),
+            "frames": frames, "seconds": round(seconds, 2), "fps": round(frames / seconds, 2),
+            "steady_fps": round((frames - 1) / writing, 2),
             "cpu_ms_per_frame": cpu_ms_per_frame, "per_source": summary}
 
 
