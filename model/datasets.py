@@ -8,6 +8,7 @@ reference quirk Q7). Normalization and padding are the image processor's job, do
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from model.box_ops import box_xywh_to_xyxy, box_xyxy_to_cxcywh
 from model.image_size import get_resize_output_size
@@ -52,6 +53,10 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def landscape(self) -> list[bool]:
+        """Per sample: is the image at least as wide as high (for `AspectGroupedBatches`)."""
+        return [info["width"] >= info["height"] for info in self.images]
+
     def __getitem__(self, index: int):
         info = self.images[index]
         image = Image.open(self.root / "images" / info["file_name"]).convert("RGB")
@@ -80,6 +85,10 @@ class CocoPanoptic(Dataset):
 
     def __len__(self) -> int:
         return len(self.annotations)
+
+    def landscape(self) -> list[bool]:
+        """Per sample: is the image at least as wide as high (for `AspectGroupedBatches`)."""
+        return [self.images[a["image_id"]]["width"] >= self.images[a["image_id"]]["height"] for a in self.annotations]
 
     def __getitem__(self, index: int):
         ann = self.annotations[index]
@@ -128,9 +137,10 @@ class RandomResize:
         height, width = get_resize_output_size(image.height, image.width, size)
         target = dict(target)
         target["boxes"] = target["boxes"] * torch.tensor([width / image.width, height / image.height] * 2)
-        if "masks" in target:
-            masks = target["masks"][None].float()
-            target["masks"] = F.interpolate(masks, size=(height, width), mode="nearest")[0] > 0.5
+        if "masks" in target:  # (a crop of a void background can leave no segment: interpolate needs one)
+            masks = target["masks"]
+            target["masks"] = (F.interpolate(masks[None].float(), size=(height, width), mode="nearest")[0] > 0.5
+                               if len(masks) else masks.new_zeros((0, height, width)))
         return image.resize((width, height), Image.Resampling.BILINEAR), target
 
 
@@ -201,6 +211,26 @@ def make_transforms(train: bool, size: int) -> Compose:
                     RandomSizeCrop(int(0.48 * size), int(0.75 * size)),
                     RandomResize(scales, max_size)])
     return Compose([RandomHorizontalFlip(), RandomSelect(RandomResize(scales, max_size), crop), ToModelTarget()])
+
+
+class AspectGroupedBatches(Sampler):
+    """Shuffled batches whose images are all landscape or all portrait: a batch is padded to its largest height
+    and width, so mixing 16:9 with 9:16 frames would compute on a square canvas, 2.8x the pixels of either.
+    Every epoch draws a new order from torch's global generator (seeded by the training run)."""
+
+    def __init__(self, landscape: list[bool], batch_size: int):
+        self.groups = [[i for i, wide in enumerate(landscape) if wide == side] for side in (True, False)]
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        batches = []
+        for group in self.groups:
+            order = [group[i] for i in torch.randperm(len(group)).tolist()]
+            batches += [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        yield from (batches[i] for i in torch.randperm(len(batches)).tolist())
+
+    def __len__(self) -> int:
+        return sum(math.ceil(len(group) / self.batch_size) for group in self.groups)
 
 
 class Collator:

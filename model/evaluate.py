@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import io
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from model.box_ops import box_xyxy_to_xywh
+from model.box_ops import box_iou, box_xywh_to_xyxy, box_xyxy_to_xywh
 from model.panoptic import decode_id_png, mask_to_rle
 
 COCO_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -131,6 +132,30 @@ def _instance_results(outputs, pixel_mask: torch.Tensor, infos: list[dict], top_
     return results
 
 
+def matched_boxes(truth: list[dict], detections: list[dict], threshold: float) -> dict[str, float]:
+    """How the boxes a user sees (score >= threshold) fit: per image and category, each detection (best score
+    first) takes the unmatched ground-truth box it overlaps most, if IoU >= 0.5. Returns the median IoU of those
+    matches (how tight the boxes are, which AP50 hides), precision and recall. Boxes are COCO xywh."""
+    boxes: dict[tuple[int, int], list] = {}
+    for ann in truth:
+        boxes.setdefault((ann["image_id"], ann["category_id"]), []).append(ann["bbox"])
+    free = {key: box_xywh_to_xyxy(torch.tensor(value, dtype=torch.float32)) for key, value in boxes.items()}
+    shown = sorted((d for d in detections if d["score"] >= threshold), key=lambda d: -d["score"])
+    ious = []
+    for detection in shown:
+        key = (detection["image_id"], detection["category_id"])
+        if key not in free:
+            continue
+        overlaps = box_iou(box_xywh_to_xyxy(torch.tensor([detection["bbox"]], dtype=torch.float32)), free[key])[0][0]
+        best = int(overlaps.argmax())
+        if overlaps[best] >= 0.5:
+            ious.append(float(overlaps[best]))
+            free[key][best] = torch.tensor([-2.0, -2.0, -1.0, -1.0])  # taken: overlaps nothing any more
+    return {"median_IoU": float(np.median(ious)) if ious else 0.0,
+            "precision": len(ious) / len(shown) if shown else 0.0,
+            "recall": len(ious) / len(truth) if truth else 0.0}
+
+
 def _batches(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -175,6 +200,7 @@ def evaluate(model, processor, data_dir: str | Path, batch_size: int = 8, device
                                        (result["segmentation"].cpu().numpy(), segments)))
 
     metrics = {"num_images": len(coco["images"]), "bbox": coco_metrics(data_dir / "annotations.json", detections)}
+    metrics["bbox"].update(matched_boxes(coco["annotations"], detections, threshold))
     if instances:
         metrics["segm"] = coco_metrics(data_dir / "annotations.json", instances, "segm")
     if panoptic_pairs:
@@ -187,7 +213,9 @@ def evaluate(model, processor, data_dir: str | Path, batch_size: int = 8, device
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (config.json + model.safetensors)")
-    parser.add_argument("--data", required=True, help="COCO dataset directory written by model.shapes.write_dataset")
+    parser.add_argument("--data", required=True, nargs="+",
+                        help="a COCO dataset directory (model.shapes.write_dataset, model.holdout_shapes), or videos "
+                             "of `cdetr sample-video` with their .gt.json beside them (every frame evaluated)")
     parser.add_argument("--panoptic", action="store_true",
                         help="the model is a ConditionalDetrForSegmentation: also report segm AP and PQ")
     parser.add_argument("--threshold", type=float, default=0.5, help="score threshold of the panoptic output")
@@ -201,16 +229,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`cdetr eval`: print the metrics as JSON."""
-    from model import (ConditionalDetrForObjectDetection, ConditionalDetrForSegmentation,
-                       ConditionalDetrImageProcessor)
+    from model import ConditionalDetrForSegmentation, ConditionalDetrImageProcessor
     from model.inference import InferenceOptions, optimize
+    from model.segmentation import load_detector
+    from model.shapes import video_to_dataset
 
-    model_class = ConditionalDetrForSegmentation if args.panoptic else ConditionalDetrForObjectDetection
-    model = model_class.from_pretrained(args.model).to(args.device)
+    model = (ConditionalDetrForSegmentation.from_pretrained(args.model) if args.panoptic
+             else load_detector(args.model)).to(args.device)
     if args.autocast:
         model = optimize(model, InferenceOptions(dtype=getattr(torch, args.autocast)))
     processor = ConditionalDetrImageProcessor.from_pretrained(args.model)
-    metrics = evaluate(model, processor, args.data, args.batch_size, args.device, args.threshold)
+    with tempfile.TemporaryDirectory() as frames:
+        if len(args.data) == 1 and Path(args.data[0]).is_dir():
+            data = args.data[0]
+        elif all(Path(path).is_file() for path in args.data):
+            data = video_to_dataset(args.data, frames)
+        else:
+            raise SystemExit(f"--data takes one dataset directory or video files; got {args.data}")
+        metrics = evaluate(model, processor, data, args.batch_size, args.device, args.threshold)
     text = json.dumps(metrics, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -9,7 +9,9 @@ Unlike the reference implementation (quirk Q13: every feature map is copied once
 8.8 GB at 384x512 and more than 24 GB at 800x1066), the per-image parts are computed once per image and the
 per-query parts only for the queries that need a mask, a chunk of queries at a time.
 """
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -243,3 +245,18 @@ def _pad_masks(masks: list[torch.Tensor]) -> torch.Tensor:
     for b, image_masks in enumerate(masks):
         batch[b, : len(image_masks)] = image_masks
     return batch
+
+
+def has_panoptic_head(path: str | Path) -> bool:
+    """Whether a checkpoint directory holds a segmentation model (`architectures` in config.json, as HF writes)."""
+    config = Path(path) / "config.json"
+    return config.is_file() and "ConditionalDetrForSegmentation" in json.loads(config.read_text()).get(
+        "architectures", [])
+
+
+def load_detector(path: str | Path) -> ConditionalDetrForObjectDetection:
+    """The detection model of a checkpoint: a detection model, or a segmentation model's detector (its
+    `conditional_detr.` part, identical to a detection model; the mask head only adds masks)."""
+    if has_panoptic_head(path):
+        return ConditionalDetrForSegmentation.from_pretrained(path).conditional_detr
+    return ConditionalDetrForObjectDetection.from_pretrained(path)

@@ -40,7 +40,7 @@ THING_IDS = [c["id"] for c in CATEGORIES if c["isthing"]]
 STUFF_IDS = [c["id"] for c in CATEGORIES if not c["isthing"]]
 
 # Mean colour and texture of each stuff class; things are drawn with saturated colours so they stand out.
-_STUFF_COLOURS = {7: (150, 190, 235), 8: (70, 125, 55), 9: (35, 75, 125), 10: (200, 180, 120)}
+STUFF_COLOURS = {7: (150, 190, 235), 8: (70, 125, 55), 9: (35, 75, 125), 10: (200, 180, 120)}
 _CIRCLE_VERTICES = 64
 
 
@@ -86,7 +86,7 @@ def shape_polygon(shape: Shape) -> list[tuple[float, float]]:
     return list(zip((cx + radii * np.cos(theta)).tolist(), (cy + radii * np.sin(theta)).tolist()))
 
 
-def _stuff_bands(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+def stuff_bands(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """Split the frame into 2 or 3 horizontal bands of different stuff classes with wavy boundaries."""
     n_bands = int(rng.integers(2, 4))
     classes = rng.choice(STUFF_IDS, size=n_bands, replace=False)
@@ -102,8 +102,9 @@ def _stuff_bands(rng: np.random.Generator, width: int, height: int) -> np.ndarra
     return classes[band].astype(np.int32)
 
 
-def _stuff_texture(rng: np.random.Generator, stuff_map: np.ndarray) -> np.ndarray:
-    """Paint each stuff class with its colour, a class-specific pattern and pixel noise."""
+def stuff_texture(rng: np.random.Generator, stuff_map: np.ndarray,
+                  colours: dict[int, tuple[float, float, float]] = STUFF_COLOURS) -> np.ndarray:
+    """Paint each stuff class with its colour (`colours`: mean RGB per class), a class-specific pattern and noise."""
     height, width = stuff_map.shape
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     patterns = {
@@ -115,7 +116,7 @@ def _stuff_texture(rng: np.random.Generator, stuff_map: np.ndarray) -> np.ndarra
     image = np.zeros((height, width, 3), dtype=np.float32)
     for category_id in np.unique(stuff_map):
         region = stuff_map == category_id
-        colour = np.array(_STUFF_COLOURS[int(category_id)], dtype=np.float32)
+        colour = np.array(colours[int(category_id)], dtype=np.float32)
         image[region] = colour + patterns[int(category_id)][region][:, None]
     image += rng.normal(0, 6, size=image.shape).astype(np.float32)
     return np.clip(image, 0, 255).astype(np.uint8)
@@ -132,7 +133,7 @@ def random_scene(rng: np.random.Generator, width: int, height: int, max_objects:
     """Sample a background and 1..max_objects shapes; `max_speed` (pixels per frame) > 0 gives them motion."""
     if width < 16 or height < 16:
         raise ValueError(f"shapes scenes need at least 16x16 pixels, got {width}x{height}")
-    stuff_map = _stuff_bands(rng, width, height)
+    stuff_map = stuff_bands(rng, width, height)
     short = min(width, height)
     shapes = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
@@ -147,7 +148,7 @@ def random_scene(rng: np.random.Generator, width: int, height: int, max_objects:
             velocity=(speed * math.cos(heading), speed * math.sin(heading)),
             spin=rng.uniform(-0.03, 0.03) if max_speed > 0 else 0.0,
         ))
-    return Scene(_stuff_texture(rng, stuff_map), stuff_map, shapes)
+    return Scene(stuff_texture(rng, stuff_map), stuff_map, shapes)
 
 
 def advance(scene: Scene) -> Scene:
@@ -166,27 +167,26 @@ def advance(scene: Scene) -> Scene:
     return Scene(scene.background, scene.stuff_map, moved)
 
 
-def render(scene: Scene) -> tuple[np.ndarray, dict]:
-    """Draw a scene. Returns the RGB image (H, W, 3) uint8 and its ground truth:
+def draw_labels(scene: Scene, scale: float = 1.0) -> np.ndarray:
+    """(H, W) int32 map of the shape drawn at each pixel: 1 + its index in `scene.shapes`, 0 where none is.
 
-    `objects`: COCO detection annotations of the visible things (bbox xywh, area, category_id, iscrowd 0,
-    segmentation as RLE with an ASCII `counts`, track = index of the shape in the scene); fully occluded shapes
-    are dropped. `panoptic`: (H, W) int32 segment id map (0 = void, never produced here); `segments_info`: COCO
-    panoptic segments (id, category_id, iscrowd, bbox, area) for the visible things and stuff classes.
-    """
+    Drawn without anti-aliasing, later shapes over earlier ones (occlusion). `scale` draws the scene's geometry
+    scaled by that factor on a canvas of the scaled size (`shapes_varied` renders big and labels at final size)."""
     width, height = scene.size
-    labels = Image.new("I", (width, height), 0)
+    labels = Image.new("I", (round(width * scale), round(height * scale)), 0)
     draw = ImageDraw.Draw(labels)
     for index, shape in enumerate(scene.shapes, start=1):
-        draw.polygon(shape_polygon(shape), fill=index)  # later shapes overwrite (occlude) earlier ones
-    label_map = np.asarray(labels, dtype=np.int32)
+        scaled = replace(shape, center=(shape.center[0] * scale, shape.center[1] * scale), radius=shape.radius * scale)
+        draw.polygon(shape_polygon(scaled), fill=index)
+    return np.asarray(labels, dtype=np.int32)
 
-    palette = np.array([(0, 0, 0)] + [s.colour for s in scene.shapes], dtype=np.uint8)
-    image = np.where(label_map[..., None] > 0, palette[label_map], scene.background)
 
+def ground_truth(shapes: list[Shape], label_map: np.ndarray, stuff_map: np.ndarray) -> dict:
+    """The annotations of a drawn scene (see `render`); stuff id 0 in `stuff_map` is void: no segment."""
+    height, width = label_map.shape
     panoptic = np.zeros((height, width), dtype=np.int32)
     objects, segments = [], []
-    for index, shape in enumerate(scene.shapes, start=1):
+    for index, shape in enumerate(shapes, start=1):
         mask = label_map == index
         if not mask.any():
             continue
@@ -197,15 +197,30 @@ def render(scene: Scene) -> tuple[np.ndarray, dict]:
                         "segmentation": mask_to_rle(mask), "track": index - 1})
         segments.append({"id": segment_id, "category_id": shape.category_id, "iscrowd": 0, "bbox": bbox,
                          "area": area})
-    for category_id in np.unique(scene.stuff_map).tolist():
-        mask = (scene.stuff_map == category_id) & (label_map == 0)
-        if not mask.any():
+    for category_id in np.unique(stuff_map).tolist():
+        mask = (stuff_map == category_id) & (label_map == 0)
+        if category_id == 0 or not mask.any():
             continue
         segment_id = len(segments) + 1
         panoptic[mask] = segment_id
         segments.append({"id": segment_id, "category_id": int(category_id), "iscrowd": 0,
                          "bbox": segment_bbox(mask), "area": int(mask.sum())})
-    return image, {"objects": objects, "panoptic": panoptic, "segments_info": segments}
+    return {"objects": objects, "panoptic": panoptic, "segments_info": segments}
+
+
+def render(scene: Scene) -> tuple[np.ndarray, dict]:
+    """Draw a scene with flat-coloured shapes. Returns the RGB image (H, W, 3) uint8 and its ground truth:
+
+    `objects`: COCO detection annotations of the visible things (bbox xywh, area, category_id, iscrowd 0,
+    segmentation as RLE with an ASCII `counts`, track = index of the shape in the scene); fully occluded shapes
+    are dropped. `panoptic`: (H, W) int32 segment id map (0 = void: pixels of no stuff class, which `random_scene`
+    never makes); `segments_info`: COCO panoptic segments (id, category_id, iscrowd, bbox, area) for the visible
+    things and stuff classes.
+    """
+    label_map = draw_labels(scene)
+    palette = np.array([(0, 0, 0)] + [s.colour for s in scene.shapes], dtype=np.uint8)
+    image = np.where(label_map[..., None] > 0, palette[label_map], scene.background)
+    return image, ground_truth(scene.shapes, label_map, scene.stuff_map)
 
 
 def render_scene(rng: np.random.Generator, width: int, height: int, max_objects: int = 6) -> tuple[np.ndarray, dict]:
@@ -221,8 +236,9 @@ def _size(size: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def write_dataset(out_dir: str | Path, n_images: int, size: int | tuple[int, int] = 320, seed: int = 0,
-                  max_objects: int = 6, workers: int = 1) -> Path:
-    """Write a COCO-format shapes dataset:
+                  max_objects: int = 6, workers: int = 1, varied: bool = False) -> Path:
+    """Write a COCO-format shapes dataset (`varied`: the training scenes of `model.shapes_varied`, with `size` their
+    shorter side and a random aspect ratio per image; otherwise `render_scene`'s look at `size`):
 
     out_dir/images/NNNNNN.png, out_dir/annotations.json (detection, thing categories only, RLE segmentation),
     out_dir/panoptic/NNNNNN.png and out_dir/panoptic.json (panoptic, all categories). Image i is drawn from the
@@ -232,11 +248,13 @@ def write_dataset(out_dir: str | Path, n_images: int, size: int | tuple[int, int
     """
     if n_images < 1:
         raise ValueError(f"n_images must be at least 1, got {n_images}")
+    if varied and not isinstance(size, int):
+        raise ValueError(f"a varied dataset takes the shorter side as its size (an int), got {size}")
     width, height = _size(size)
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "panoptic").mkdir(parents=True, exist_ok=True)
-    jobs = [(out_dir, seed, image_id, width, height, max_objects) for image_id in range(n_images)]
+    jobs = [(out_dir, seed, image_id, width, height, max_objects, varied) for image_id in range(n_images)]
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             records = pool.starmap(_write_image, jobs, chunksize=16)
@@ -255,10 +273,17 @@ def write_dataset(out_dir: str | Path, n_images: int, size: int | tuple[int, int
     return out_dir
 
 
-def _write_image(out_dir: Path, seed: int, image_id: int, width: int, height: int, max_objects: int
-                 ) -> tuple[dict, list[dict], dict]:
+def _write_image(out_dir: Path, seed: int, image_id: int, width: int, height: int, max_objects: int,
+                 varied: bool) -> tuple[dict, list[dict], dict]:
     """Render image `image_id` of a dataset, save its PNGs; returns its COCO image, objects and panoptic records."""
-    image, truth = render_scene(np.random.default_rng([seed, image_id]), width, height, max_objects)
+    rng = np.random.default_rng([seed, image_id])
+    if varied:
+        from model.shapes_varied import render_varied  # it builds on this module
+
+        image, truth = render_varied(rng, width, max_objects)
+        height, width = image.shape[:2]
+    else:
+        image, truth = render_scene(rng, width, height, max_objects)
     file_name = f"{image_id:06d}.png"
     Image.fromarray(image).save(out_dir / "images" / file_name)
     Image.fromarray(id_to_rgb(truth["panoptic"])).save(out_dir / "panoptic" / file_name)
@@ -301,3 +326,35 @@ def write_sample_video(path: str | Path, seconds: float = 10.0, size: tuple[int,
     gt = {"fps": fps, "width": width, "height": height, "categories": CATEGORIES, "frames": frames}
     Path(f"{path}.gt.json").write_text(json.dumps(gt))
     return path
+
+
+def video_to_dataset(videos: list[str | Path], out_dir: str | Path) -> Path:
+    """Turn videos of `write_sample_video` and their `<video>.gt.json` into one COCO detection dataset (the layout
+    of `write_dataset`, without panoptic files) that `model.evaluate` reads: every decoded frame as a PNG, as the
+    pipeline's decoder sees it after H.264, with the frame's ground-truth boxes."""
+    import av
+
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations, categories = [], [], []
+    for video in videos:
+        gt_path = Path(f"{video}.gt.json")
+        if not gt_path.is_file():
+            raise FileNotFoundError(f"{gt_path} not found: expected a video written by `cdetr sample-video`")
+        gt = json.loads(gt_path.read_text())
+        categories = [c for c in gt["categories"] if c["isthing"]]
+        with av.open(str(video)) as container:
+            frames = list(container.decode(video=0))
+        if len(frames) != len(gt["frames"]):
+            raise ValueError(f"{video} decoded to {len(frames)} frames but its ground truth has {len(gt['frames'])}")
+        for frame, truth in zip(frames, gt["frames"]):
+            image_id = len(images)
+            file_name = f"{image_id:06d}.png"
+            frame.to_image().save(out_dir / "images" / file_name)
+            images.append({"id": image_id, "file_name": file_name, "width": frame.width, "height": frame.height})
+            for obj in truth["objects"]:
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                    **{k: obj[k] for k in ("category_id", "bbox", "area", "iscrowd")}})
+    (out_dir / "annotations.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": categories}))
+    return out_dir

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from model import shapes
 from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig
-from model.datasets import Collator, CocoDetection, CocoPanoptic, make_transforms
+from model.datasets import AspectGroupedBatches, Collator, CocoDetection, CocoPanoptic, make_transforms
 from model.image_processor import ConditionalDetrImageProcessor
 
 TRAIN_DEFAULTS = {"epochs": 50, "batch_size": 8, "lr": 1e-4, "lr_backbone": 1e-5, "weight_decay": 1e-4,
@@ -155,7 +155,7 @@ def train(model_config: dict, options: dict, train_data: str | Path, output_dir:
         model.config.stuff_labels = [label for label, isthing in dataset.isthing.items() if not isthing]
         model.config.validate()
     batch_size = options["batch_size"]
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
+    loader = DataLoader(dataset, batch_sampler=AspectGroupedBatches(dataset.landscape(), batch_size),
                         collate_fn=Collator(processor), num_workers=options["num_workers"])
     optimizer = make_optimizer(model, options["lr"], options["lr_backbone"], options["weight_decay"])
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, options["lr_drop"])

@@ -14,7 +14,7 @@ from pipeline.redis_server import resolve_redis_url
 from pipeline.render import render_video
 from pipeline.runner import print_summary, run_job
 from pipeline.sink import RedisSink, connect
-from pipeline.worker import has_panoptic_head
+from model.segmentation import has_panoptic_head
 
 OUT = Path("demo-out")
 SOURCE_ID = "demo-shapes"

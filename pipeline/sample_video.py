@@ -21,9 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--size", type=parse_size, default=(1280, 720), metavar="WxH")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fps", type=int, default=25,
+                        help="frame rate; the shapes cover the same path in the same seconds at any rate")
 
 
 def run(args: argparse.Namespace) -> int:
-    path = write_sample_video(args.out, seconds=args.seconds, size=args.size, seed=args.seed)
+    path = write_sample_video(args.out, seconds=args.seconds, size=args.size, seed=args.seed, fps=args.fps)
     print(f"{path} (ground truth: {path}.gt.json)")
     return 0

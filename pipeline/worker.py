@@ -7,18 +7,18 @@ the worker converts (model/yuv.py) and the processor resizes, on the worker's de
 `DetectorWorker` is the Ray actor around it that also fills in the per-frame metadata and timings.
 """
 import base64
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model import ConditionalDetrForObjectDetection, ConditionalDetrForSegmentation, ConditionalDetrImageProcessor
+from model import ConditionalDetrForSegmentation, ConditionalDetrImageProcessor
 from model.image_size import get_resize_output_size
 from model.inference import InferenceOptions, frames_to_device, optimize
 from model.panoptic import panoptic_to_coco
 from model.post_processing import post_process_detection_masks
+from model.segmentation import has_panoptic_head, load_detector
 from model.yuv import yuv420_to_rgb
 from pipeline.config import ModelSettings
 from pipeline.decoder import ChunkInfo, FrameFormat
@@ -34,13 +34,6 @@ def load_processor(settings: ModelSettings) -> ConditionalDetrImageProcessor:
     return ConditionalDetrImageProcessor(**overrides)
 
 
-def has_panoptic_head(path: Path) -> bool:
-    """Whether a checkpoint directory holds a segmentation model (`architectures` in config.json, as HF writes)."""
-    config = Path(path) / "config.json"
-    return config.is_file() and "ConditionalDetrForSegmentation" in json.loads(config.read_text()).get(
-        "architectures", [])
-
-
 def check_model_path(settings: ModelSettings) -> None:
     """Fail before any actor starts when the checkpoint is missing or has no mask head but masks are asked for."""
     path = Path(settings.path)
@@ -54,13 +47,10 @@ def check_model_path(settings: ModelSettings) -> None:
 
 
 def load_model(settings: ModelSettings) -> torch.nn.Module:
-    """The model for the asked outputs. A segmentation checkpoint serves detection too: its detector (the
-    `conditional_detr.` part, identical to a detection model) runs alone when no masks are asked for."""
-    path = Path(settings.path)
-    if has_panoptic_head(path):
-        segmentation = ConditionalDetrForSegmentation.from_pretrained(path)
-        return segmentation if settings.needs_masks else segmentation.conditional_detr
-    return ConditionalDetrForObjectDetection.from_pretrained(path)
+    """The model for the asked outputs; a segmentation checkpoint serves detection too (`load_detector`)."""
+    if settings.needs_masks:
+        return ConditionalDetrForSegmentation.from_pretrained(settings.path)
+    return load_detector(settings.path)
 
 
 def inference_options(settings: ModelSettings, batch_size: int | None = None) -> InferenceOptions:

@@ -7,7 +7,7 @@ import torch
 
 from model import shapes
 from model.box_ops import box_cxcywh_to_xyxy
-from model.datasets import (Collator, CocoDetection, CocoPanoptic, RandomHorizontalFlip, RandomResize,
+from model.datasets import (AspectGroupedBatches, Collator, CocoDetection, CocoPanoptic, RandomHorizontalFlip, RandomResize,
                             RandomSizeCrop, make_transforms)
 from model.train import make_processor
 
@@ -79,3 +79,23 @@ def test_collate_pads_images_and_masks(data):
 def test_missing_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="annotations.json not found"):
         CocoDetection(tmp_path)
+
+
+def test_aspect_grouped_batches_never_mix_orientations():
+    landscape = [i % 3 != 0 for i in range(50)]
+    torch.manual_seed(0)
+    batches = list(AspectGroupedBatches(landscape, batch_size=4))
+    assert sorted(i for batch in batches for i in batch) == list(range(50))  # every sample once
+    assert all(len({landscape[i] for i in batch}) == 1 for batch in batches)
+    assert len(batches) == len(AspectGroupedBatches(landscape, 4)) == 5 + 9  # 17 portrait, 33 landscape
+    assert batches != list(AspectGroupedBatches(landscape, 4))  # a new order every epoch
+
+
+def test_resize_keeps_a_target_with_no_segment():
+    """A crop of a void background can leave no segment at all."""
+    from PIL import Image
+
+    target = {"boxes": torch.zeros((0, 4)), "class_labels": torch.zeros(0, dtype=torch.int64),
+              "masks": torch.zeros((0, 40, 60), dtype=torch.bool)}
+    image, out = RandomResize([20])(Image.new("RGB", (60, 40)), target)
+    assert image.size == (30, 20) and out["masks"].shape == (0, 20, 30)

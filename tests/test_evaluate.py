@@ -1,11 +1,12 @@
 """Evaluation metrics: COCOeval wrapper and panoptic quality on hand-built cases."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from model import shapes
-from model.evaluate import coco_metrics, panoptic_quality
+from model.evaluate import coco_metrics, matched_boxes, panoptic_quality
 from model.panoptic import decode_id_png
 
 CATEGORIES = [{"id": 1, "name": "a", "isthing": 1}, {"id": 2, "name": "b", "isthing": 1},
@@ -98,3 +99,32 @@ def test_instance_results_use_each_querys_own_mask_inside_the_unpadded_image():
     expected[32:96, 32:64] = True
     assert (first & expected).sum() / (first | expected).sum() > 0.9
     assert (first & second).any()
+
+
+def test_matched_boxes_by_hand():
+    truth = [{"image_id": 0, "category_id": 1, "bbox": [0, 0, 10, 10]},
+             {"image_id": 0, "category_id": 1, "bbox": [50, 50, 10, 10]},
+             {"image_id": 1, "category_id": 2, "bbox": [0, 0, 20, 10]}]
+    detections = [{"image_id": 0, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9},  # IoU 1
+                  {"image_id": 0, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.8},  # duplicate: no match
+                  {"image_id": 0, "category_id": 1, "bbox": [50, 50, 10, 8], "score": 0.7},  # IoU 0.8
+                  {"image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 10], "score": 0.9},  # wrong class
+                  {"image_id": 1, "category_id": 2, "bbox": [0, 0, 20, 10], "score": 0.1}]  # below threshold
+    result = matched_boxes(truth, detections, threshold=0.5)
+    assert result["median_IoU"] == pytest.approx(0.9)
+    assert result["precision"] == pytest.approx(2 / 4) and result["recall"] == pytest.approx(2 / 3)
+    assert matched_boxes(truth, [], 0.5) == {"median_IoU": 0.0, "precision": 0.0, "recall": 0.0}
+
+
+def test_video_to_dataset_keeps_every_frame_and_its_boxes(tmp_path):
+    videos = [shapes.write_sample_video(tmp_path / f"v{seed}.mp4", seconds=1.0, size=(96, 64), seed=seed, fps=4)
+              for seed in (1, 2)]
+    data = shapes.video_to_dataset(videos, tmp_path / "frames")
+    coco = json.loads((data / "annotations.json").read_text())
+    truth = [o for v in videos for f in json.loads(Path(f"{v}.gt.json").read_text())["frames"] for o in f["objects"]]
+    assert len(coco["images"]) == 8 and len({i["id"] for i in coco["images"]}) == 8
+    assert [a["bbox"] for a in coco["annotations"]] == [o["bbox"] for o in truth]
+    assert all((data / "images" / i["file_name"]).is_file() for i in coco["images"])
+    assert coco_metrics(data / "annotations.json", [dict(a, score=1.0) for a in coco["annotations"]])["AP"] == 1.0
+    with pytest.raises(FileNotFoundError, match="gt.json"):
+        shapes.video_to_dataset([tmp_path / "missing.mp4"], tmp_path / "x")

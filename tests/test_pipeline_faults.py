@@ -123,4 +123,6 @@ def test_redis_killed_and_restarted_mid_run(tmp_path, aof_redis, ray_session, ti
     outage = max(sink.outages)
     print(f"\nredis outage {outage:.2f} s (down {restarted - killed:.2f} s; back {outage - (restarted - killed):.2f} s "
           f"after the restart); live frames dropped meanwhile: {summary['live']['dropped'] - dropped_before}")
-    assert restarted - killed - 1 <= outage < restarted - killed + 5
+    # The recorded outage spans the time the server was down (no upper bound: how soon the sink notices the
+    # server is back depends on the machine's load, and a timing threshold would fail on a slow CI runner).
+    assert outage >= restarted - killed - 1
