@@ -2,7 +2,7 @@
 
 The first bundled model saw only 256x256 images of one look (flat saturated shapes on stuff bands) and learned
 shortcuts: a circle's box has equal *normalized* width and height, which is 1.8x too wide on a 16:9 frame
-(docs/model.md, "aspect ratio"). A varied scene changes everything the label does not depend on:
+(model/weights/EVAL.md). A varied scene changes everything the label does not depend on:
 
 - canvas: 16:9, 4:3, 9:16 or square; objects whose box covers ~2% to ~40% of the frame, overlapping;
 - background: the labelled stuff bands (colours jittered) or an unlabelled (void) one: flat, gradient, smooth
