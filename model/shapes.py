@@ -56,6 +56,10 @@ class Shape:
     velocity: tuple[float, float] = (0.0, 0.0)
     spin: float = 0.0
 
+    def scaled(self, factor: float) -> "Shape":
+        """The same shape on a canvas `factor` times larger."""
+        return replace(self, center=(self.center[0] * factor, self.center[1] * factor), radius=self.radius * factor)
+
 
 @dataclass
 class Scene:
@@ -176,8 +180,7 @@ def draw_labels(scene: Scene, scale: float = 1.0) -> np.ndarray:
     labels = Image.new("I", (round(width * scale), round(height * scale)), 0)
     draw = ImageDraw.Draw(labels)
     for index, shape in enumerate(scene.shapes, start=1):
-        scaled = replace(shape, center=(shape.center[0] * scale, shape.center[1] * scale), radius=shape.radius * scale)
-        draw.polygon(shape_polygon(scaled), fill=index)
+        draw.polygon(shape_polygon(shape.scaled(scale)), fill=index)
     return np.asarray(labels, dtype=np.int32)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import colorsys
 import io
 import math
-from dataclasses import replace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -149,9 +148,7 @@ def _paint_shapes(rng: np.random.Generator, image: np.ndarray, label_map: np.nda
         image[mask] = fill
         if rng.uniform() < 0.3:
             outline = Image.new("L", (width, height), 0)
-            scaled = replace(shape, center=(shape.center[0] * scale, shape.center[1] * scale),
-                             radius=shape.radius * scale)
-            points = shapes.shape_polygon(scaled)
+            points = shapes.shape_polygon(shape.scaled(scale))
             ImageDraw.Draw(outline).line(points + points[:1], fill=1, width=max(1, round(rng.uniform(1, 4) * scale)))
             edge = (np.asarray(outline) > 0) & mask
             image[edge] = rng.choice([0.0, 255.0]) * 0.85 + colour * 0.15

@@ -1,4 +1,4 @@
-"""Redis Streams writer: the producer side of the wire contract (DESIGN.md "Redis wire contract").
+"""Redis Streams writer: the producer side of the wire contract (docs/wire-format.md).
 
 Entry IDs are explicit: frame `i` of a source is written as `<i+1>-0`, and the source's `eos` entry as
 `<last+1>-1` right after its last frame `last` (`0-1` when no frame was written). The ms part is the 1-based frame
