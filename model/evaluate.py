@@ -164,9 +164,10 @@ def _batches(items: list, size: int):
 @torch.no_grad()
 def evaluate(model, processor, data_dir: str | Path, batch_size: int = 8, device: str = "cpu",
              threshold: float = 0.5) -> dict:
-    """bbox AP of any detection model on `data_dir`; with a segmentation model (outputs with `pred_masks`) also
-    segm AP (masks of the top-100 detections) and panoptic quality (the processor's panoptic post-processing with
-    `threshold` on the sigmoid scores, stuff categories fused)."""
+    """bbox AP of any detection model on `data_dir`, and how its boxes scoring >= `threshold` fit
+    (`matched_boxes`); with a segmentation model (outputs with `pred_masks`) also segm AP (masks of the top-100
+    detections, when the ground truth has masks) and panoptic quality (the processor's panoptic post-processing
+    with `threshold` on the sigmoid scores, stuff categories fused)."""
     data_dir = Path(data_dir)
     coco = json.loads((data_dir / "annotations.json").read_text())
     panoptic_json = data_dir / "panoptic.json"
@@ -201,7 +202,7 @@ def evaluate(model, processor, data_dir: str | Path, batch_size: int = 8, device
 
     metrics = {"num_images": len(coco["images"]), "bbox": coco_metrics(data_dir / "annotations.json", detections)}
     metrics["bbox"].update(matched_boxes(coco["annotations"], detections, threshold))
-    if instances:
+    if instances and all("segmentation" in a for a in coco["annotations"]):  # video ground truth has boxes only
         metrics["segm"] = coco_metrics(data_dir / "annotations.json", instances, "segm")
     if panoptic_pairs:
         quality = panoptic_quality(*zip(*panoptic_pairs), panoptic["categories"])
@@ -218,7 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "of `cdetr sample-video` with their .gt.json beside them (every frame evaluated)")
     parser.add_argument("--panoptic", action="store_true",
                         help="the model is a ConditionalDetrForSegmentation: also report segm AP and PQ")
-    parser.add_argument("--threshold", type=float, default=0.5, help="score threshold of the panoptic output")
+    parser.add_argument("--threshold", type=float, default=0.5, help="score threshold of the panoptic output and of the matched boxes (median IoU, precision, recall)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--autocast", choices=["bfloat16", "float16"],
