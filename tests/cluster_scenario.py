@@ -25,7 +25,7 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from conftest import count_frames, encode_video, free_port  # noqa: E402
+from helpers import count_frames, encode_video, free_port  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
 from pipeline.placement import node_of  # noqa: E402
 from pipeline.redis_server import start_redis_server  # noqa: E402

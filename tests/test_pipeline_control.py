@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 
-from conftest import count_frames, encode_video, wait_for
+from helpers import count_frames, encode_video, wait_for
 from model.panoptic import decode_id_png
 from pipeline.cli import main
 from pipeline.config import PipelineConfig

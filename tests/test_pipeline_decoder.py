@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import encode_video, free_port
+from helpers import encode_video, free_port
 from model.image_size import get_resize_output_size
 from model.yuv import yuv420_to_rgb
 from pipeline.config import DecoderConfig, SourceConfig

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import TINY_MODEL_SIZE, detect_still
+from helpers import TINY_MODEL_SIZE, detect_still
 from model.image_processor import get_resize_output_size
 from model.panoptic import decode_id_png
 from model.shapes import STUFF_IDS

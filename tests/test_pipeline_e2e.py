@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import redis
 
-from conftest import count_frames, encode_video, free_port
+from helpers import count_frames, encode_video, free_port
 from pipeline.config import PipelineConfig
 from pipeline.render import render_video
 from pipeline.runner import run_job

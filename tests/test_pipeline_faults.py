@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import encode_video, free_port, wait_for
+from helpers import encode_video, free_port, wait_for
 from pipeline.config import PipelineConfig
 from pipeline.redis_server import start_redis_server
 from pipeline.runner import Job

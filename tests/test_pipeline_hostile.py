@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from conftest import count_frames, encode_video
+from helpers import count_frames, encode_video
 from pipeline.cli import main
 from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.runner import run_job

@@ -7,7 +7,7 @@ import pytest
 import torch
 from pycocotools import mask as coco_mask
 
-from conftest import detect_still
+from helpers import detect_still
 from model import ConditionalDetrForSegmentation, ConditionalDetrImageProcessor
 from model.panoptic import rle_to_mask
 from model.post_processing import post_process_detection_masks, post_process_object_detection

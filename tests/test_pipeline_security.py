@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from conftest import encode_video, free_port
+from helpers import encode_video, free_port
 from pipeline.cli import main
 from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.redis_server import start_redis_server

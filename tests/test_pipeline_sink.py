@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import free_port
+from helpers import free_port
 from pipeline.redis_server import start_redis_server
 from pipeline.schema import Event, FrameResult
 from pipeline.sink import RedisSink, connect, eos_entry_id, frame_entry_id, frame_index_of

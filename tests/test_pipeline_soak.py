@@ -9,7 +9,7 @@ import subprocess
 import threading
 import time
 
-from conftest import encode_video, free_port, wait_for
+from helpers import encode_video, free_port, wait_for
 from pipeline.config import PipelineConfig
 from pipeline.redis_server import start_redis_server
 from pipeline.runner import Job
