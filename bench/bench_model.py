@@ -12,7 +12,7 @@ random weights, fp32. Prints one JSON object. Two modes:
     .venv/bin/python bench/bench_model.py [--end-to-end] [--repeats 3] [--threads 1] [--compile]
                                           [--autocast bfloat16 [float16]] [--device cpu] [--variants NAME...]
 
-Our model runs in the variants of `model.inference.optimize` (VARIANTS; `--compile` and `--autocast` add one
+Our model runs in the variants of `model.optimize.optimize` (VARIANTS; `--compile` and `--autocast` add one
 each), so every switch is measured against the same baseline. `transformers` is measured with its default SDPA
 attention (and, in forward mode, its eager attention). Each ratio = best transformers time / our time (> 1: we are
 faster), for wall time and for process CPU time; on a shared machine the CPU time with `--threads 1` is the clean
@@ -46,7 +46,7 @@ from bench_preprocess import HEIGHT, WIDTH, frames  # noqa: E402
 from machine import cpu_model  # noqa: E402
 from model.conditional_detr import ConditionalDetrForObjectDetection  # noqa: E402
 from model.image_processor import ConditionalDetrImageProcessor  # noqa: E402
-from model.inference import InferenceOptions, frames_to_device, optimize  # noqa: E402
+from model.optimize import InferenceOptions, frames_to_device, optimize  # noqa: E402
 from model.yuv import yuv420_to_rgb  # noqa: E402
 
 VARIANTS = {

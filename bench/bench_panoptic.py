@@ -11,7 +11,8 @@ model is loaded (writing 5 to /proc/self/clear_refs), so `peak_rss_mb` is the wh
 first forward, so `peak - loaded` is what inference itself costs.
 
 Measurements (1 image, fp32, CPU, no padding):
-  * transformers at 384x512, once (it needs about 9 GB and 13 s: masks for all 300 queries, quirk Q13);
+  * transformers at 384x512, once (it needs about 9 GB, bench/RESULTS.md §4: masks for all 300 queries,
+    docs/reference-compatibility.md, Q13);
   * ours at 384x512 and 800x1066 computing masks for all 300 queries (the same work as transformers), and
   * ours with `top_k=--queries`: masks only for the queries that can survive (random weights give every query a
     score near 0.5, so a threshold would keep them all; a trained model keeps the few queries that find a

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from machine import cpu_model
 from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig
-from model.inference import optimize
+from model.optimize import optimize
 
 
 def best_cpu_seconds(function, repeats: int) -> float:

@@ -52,9 +52,9 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from machine import cpu_model  # noqa: E402
-from model.shapes import write_sample_video  # noqa: E402
+from model.training.random_model import save_random_tiny_model  # noqa: E402
+from model.training.shapes import write_sample_video  # noqa: E402
 from pipeline.config import DEFAULT_MODEL_PATH, ModelSettings, PipelineConfig  # noqa: E402
-from pipeline.demo import save_random_tiny_model  # noqa: E402
 from pipeline.redis_server import start_redis_server  # noqa: E402
 from pipeline.runner import Job  # noqa: E402
 from pipeline.schema import Detection, FrameResult, Stop  # noqa: E402
@@ -272,7 +272,7 @@ def pipeline(urls: list[str], settings: ModelSettings, redis_url: str, args: arg
     started = time.perf_counter()
     if args.live:
         stop_after(args.live, job.sink)
-    summary = job.run()
+    summary = job.process()
     seconds = time.perf_counter() - started
     cpu = sampler.stop()
     frames = sum(s["frames"] for s in summary.values())

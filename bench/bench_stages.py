@@ -37,7 +37,7 @@ from bench_preprocess import HEIGHT, WIDTH, frames
 from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig
 from model.image_processor import ConditionalDetrImageProcessor
-from model.inference import frames_to_device, optimize
+from model.optimize import frames_to_device, optimize
 
 
 def stage_functions(model, processor, images, device: torch.device) -> dict[str, Callable[[dict], None]]:

@@ -57,7 +57,8 @@ class ConvEncoder(nn.Module):
     def __init__(self, config: ConditionalDetrConfig):
         super().__init__()
         norm_layer = FrozenBatchNorm2d if config.frozen_batch_norm else nn.BatchNorm2d
-        # DC5: the last stage keeps stride 16 and dilates its 3x3 convolutions instead (reference §2.1).
+        # DC5: the last stage keeps stride 16 and dilates its 3x3 convolutions instead
+        # (docs/checkpoint-formats.md, "DC5").
         dilation = [False, False, config.dilation] if config.dilation else None
         resnet = getattr(torchvision.models, config.backbone)(
             weights=None, replace_stride_with_dilation=dilation, norm_layer=norm_layer)

@@ -66,7 +66,7 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
     """xyxy boxes around binary masks (N,H,W) -> (N,4); empty masks give zeros.
 
     As in DETR (and the HF panoptic annotations), x1/y1 are the last covered pixel index, not one past it, so a
-    one-pixel mask has zero width. COCO `bbox` fields (which count pixels) are computed in `model.panoptic`.
+    one-pixel mask has zero width. COCO `bbox` fields (which count pixels) are computed in `model.coco_format`.
     """
     if masks.numel() == 0:
         return torch.zeros((masks.shape[0], 4), dtype=torch.float32, device=masks.device)

@@ -1,16 +1,16 @@
 """Checkpoint layouts and loading/saving.
 
-The native layout is HF v4 (`hf-keys-detection-v4.txt`), which is what the hub checkpoint
+The native layout is HF v4 (docs/checkpoint-formats.md, "HF v4"), which is what the hub checkpoint
 `microsoft/conditional-detr-resnet-50` uses and what `transformers` 5.x `save_pretrained` writes. Two more layouts
 are converted on load:
 
-* HF v5: the in-memory `state_dict()` of `transformers` 5.x models (renames of reference §6.3);
-* original Atten4Vis `.pth` (`{"model": state_dict, "args": Namespace, ...}`; renames of reference §6.2 plus
-  splitting each fused `in_proj_{weight,bias}` into q/k/v).
+* HF v5: the in-memory `state_dict()` of `transformers` 5.x models (docs/checkpoint-formats.md, "HF v5");
+* original Atten4Vis `.pth` (`{"model": state_dict, "args": Namespace, ...}`; docs/checkpoint-formats.md,
+  "original .pth"): renames plus splitting each fused `in_proj_{weight,bias}` into q/k/v.
 
 Each layout is data: a regex that recognises it and an ordered table of (pattern, replacement) renames onto the v4
-keys (and fused keys to split). To support another model's keys (e.g. the segmentation head's v5 names), add rows
-to the tables in `LAYOUTS`.
+keys (and fused keys to split). To support another layout, add a `Layout` to `LAYOUTS`; to support more keys of a
+known one, add rows to its table.
 
 Loading is strict: missing or unexpected keys and shape mismatches raise errors naming them; nothing is ever
 partially loaded. `num_batches_tracked` (a plain-BatchNorm step counter without effect at inference) is neither
@@ -66,7 +66,7 @@ V5 = Layout(
         (_DEC + r"\.encoder_attn\.([qk])_(content|pos)_proj\.", r"\1.ca_\2\3_proj."),
         (_DEC + r"\.encoder_attn\.v_proj\.", r"\1.ca_v_proj."),
         (_DEC + r"\.encoder_attn\.q_pos_sine_proj\.", r"\1.ca_qpos_sine_proj."),
-        # Segmentation head (reference §6.3).
+        # Segmentation head (docs/checkpoint-formats.md, "HF v5").
         (r"^bbox_attention\.([qk])_proj\.", r"bbox_attention.\1_linear."),
         (r"^mask_head\.conv([12])\.conv\.", r"mask_head.lay\1."),
         (r"^mask_head\.conv([12])\.norm\.", r"mask_head.gn\1."),

@@ -27,7 +27,7 @@ from model.config import ConditionalDetrConfig
 from model.transformer import MLP, Decoder, Encoder
 
 # Focal-loss prior (RetinaNet): every logit starts at P(object) = 0.01 so the first losses are not swamped by the
-# ~Q*C negatives (original Conditional DETR init; HF does not do this, quirk Q10).
+# ~Q*C negatives (original Conditional DETR init; HF does not do this: docs/reference-compatibility.md, Q10).
 PRIOR_PROBABILITY = 0.01
 
 
@@ -52,7 +52,7 @@ class ConditionalDetrFeatures:
 @dataclass
 class ConditionalDetrModelOutput:
     """last_hidden_state (B, Q, C) after the final layernorm; encoder_last_hidden_state (B, S, C);
-    reference_points (B, Q, 2) normalized (x, y) — HF returns them as (Q, B, 2) (quirk Q1);
+    reference_points (B, Q, 2) normalized (x, y), where HF returns (Q, B, 2): docs/reference-compatibility.md, Q1;
     intermediate_hidden_states (L, B, Q, C), normalized, only with `auxiliary_loss`."""
 
     last_hidden_state: torch.Tensor
@@ -115,7 +115,7 @@ class ConditionalDetrModel(ConditionalDetrPreTrainedModel):
 
     def _reset_transformer_parameters(self) -> None:
         # Original `Transformer._reset_parameters`: xavier-uniform for every matrix of encoder and decoder,
-        # including the decoder's MLPs (HF draws normal(0, init_std) instead, quirk Q10).
+        # including the decoder's MLPs (HF draws normal(0, init_std) instead: docs/reference-compatibility.md, Q10).
         for module in (self.encoder, self.decoder):
             for parameter in module.parameters():
                 if parameter.dim() > 1:
@@ -235,7 +235,7 @@ class ConditionalDetrForObjectDetection(ConditionalDetrPreTrainedModel):
         labels: one dict per image with "class_labels" (N,) and "boxes" (N, 4) normalized cxcywh (HF format).
         """
         # The training stack is optional for inference, so it is imported only when a loss is asked for.
-        from model.criterion import SetCriterion
+        from model.training.criterion import SetCriterion
 
         return SetCriterion(self.config)(output, labels)
 

@@ -3,8 +3,9 @@
 Reading accepts both `transformers` generations: v4 keeps the backbone as flat keys (`backbone`, `dilation`,
 `use_timm_backbone`, `backbone_kwargs`), v5 nests it in `backbone_config: {"model_type": "timm_backbone", ...}`.
 Writing produces the v4 flat form without `backbone_kwargs`, which both generations load offline (in v5 the mere
-presence of `backbone_kwargs` makes `from_pretrained` query the hub, reference quirk Q11). Keys this class does not
-know are kept in `extra` and written back unchanged, so other tools' fields survive a load/save round trip.
+presence of `backbone_kwargs` makes `from_pretrained` query the hub: docs/reference-compatibility.md, Q11). Keys
+this class does not know are kept in `extra` and written back unchanged, so other tools' fields survive a load/save
+round trip. The field mapping of both generations: docs/checkpoint-formats.md, "config.json".
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ _DERIVED_KEYS = ("model_type", "num_labels", "backbone_config")
 
 @dataclass
 class ConditionalDetrConfig:
-    """Hyper-parameters of Conditional DETR (defaults: `microsoft/conditional-detr-resnet-50`, reference §1).
+    """Hyper-parameters of Conditional DETR (defaults: `microsoft/conditional-detr-resnet-50`;
+    docs/checkpoint-formats.md, "config.json").
 
     `num_labels` follows `id2label` when that is given (HF semantics); otherwise `id2label` is filled with
     `LABEL_i` names. There is no "no-object" class: the classifier is a sigmoid over `num_labels` logits.
@@ -82,7 +84,7 @@ class ConditionalDetrConfig:
         self.validate()
 
     def _fold_backbone_kwargs(self) -> None:
-        """Turn the timm plumbing of HF configs into the flat fields (reference §1)."""
+        """Turn the timm plumbing of HF configs into the flat fields (docs/checkpoint-formats.md, "config.json")."""
         if not self.use_timm_backbone:
             raise ValueError("use_timm_backbone=False selects the HF ResNet, whose weights use another key layout; "
                              "only timm/torchvision ResNets are supported")

@@ -18,7 +18,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from model import annotations as coco
+from model import coco_targets as coco
 from model import post_processing
 from model.image_size import DEFAULT_SIZE, get_resize_output_size, normalize_size  # noqa: F401 (public here too)
 
@@ -249,8 +249,8 @@ class ConditionalDetrImageProcessor:
 
         Arguments left as None take the processor's settings. `return_tensors`: "pt" (torch), "np" (stacked
         numpy) or None (lists of numpy arrays, like `transformers`). `labels` hold one target per image (see
-        `model.annotations`); unlike `transformers` their boxes and `size` stay relative to the unpadded image
-        when a batch is padded (quirk Q7, as the original DETR).
+        `model.coco_targets`); unlike `transformers` their boxes and `size` stay relative to the unpadded image
+        when a batch is padded (as the original DETR: docs/reference-compatibility.md, Q7).
         """
         do_resize = self.do_resize if do_resize is None else do_resize
         size = self.size if size is None else normalize_size(size)

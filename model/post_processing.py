@@ -9,13 +9,14 @@ past len(mask_query_indices[b]) are padding). Without it, `pred_masks[b, q]` is 
 
 Conditional DETR is a sigmoid (focal loss) classifier with no "no-object" class. The segmentation post-processors
 therefore score a query by its best sigmoid class probability over all classes. `transformers` copied DETR's
-softmax and treats the last real class as "no-object", dropping every prediction of it (quirk Q8).
+softmax and treats the last real class as "no-object", dropping every prediction of it
+(docs/reference-compatibility.md, Q8).
 """
 import torch
 import torch.nn.functional as F
 
 from model.box_ops import box_cxcywh_to_xyxy
-from model.panoptic import mask_to_rle
+from model.coco_format import mask_to_rle
 
 
 def _field(outputs, name: str):
@@ -153,9 +154,9 @@ def _per_image_sizes(outputs, target_sizes, processed_sizes) -> tuple[list, list
 def post_process_semantic_segmentation(outputs, target_sizes=None, processed_sizes=None) -> list[torch.Tensor]:
     """-> one (h,w) map of class ids per image: argmax over classes of sum_q p(class | q) * sigmoid(mask_q).
 
-    p is the sigmoid class probability (not `transformers`' softmax, Q8). With pruned masks only the queries that
-    have masks contribute. `processed_sizes` ((h, w) of each image after resizing, before padding) crops the
-    padding away, which matters when images of different sizes were batched.
+    p is the sigmoid class probability (not `transformers`' softmax: docs/reference-compatibility.md, Q8). With
+    pruned masks only the queries that have masks contribute. `processed_sizes` ((h, w) of each image after
+    resizing, before padding) crops the padding away, which matters when images of different sizes were batched.
     """
     probs = _field(outputs, "logits").sigmoid()
     targets, processed, padded = _per_image_sizes(outputs, target_sizes, processed_sizes)
@@ -197,14 +198,15 @@ def post_process_panoptic_segmentation(outputs, threshold: float = 0.5, mask_thr
                                        overlap_mask_area_threshold: float = 0.8, label_ids_to_fuse=None,
                                        target_sizes=None, processed_sizes=None) -> list[dict]:
     """-> per image `{"segmentation": (h,w) int32 segment ids, 0 = no segment, "segments_info": [{"id",
-    "label_id", "was_fused", "score"}]}`, convertible to COCO with `model.panoptic.panoptic_to_coco`.
+    "label_id", "was_fused", "score"}]}`, convertible to COCO with `model.coco_format.panoptic_to_coco`.
 
     As `transformers` (from MaskFormer): keep queries whose best sigmoid class score is `> threshold`; each pixel
     goes to the query with the highest `score * sigmoid(mask)`; a query becomes a segment if it wins some pixels
     and those are more than `overlap_mask_area_threshold` of its own mask (`sigmoid(mask) >= mask_threshold`).
     Queries of a class in `label_ids_to_fuse` (stuff) share one segment per class. Differences from
     `transformers`, all deliberate:
-      * scores are sigmoid probabilities over all classes, no class is dropped as "no-object" (Q8);
+      * scores are sigmoid probabilities over all classes, no class is dropped as "no-object"
+        (docs/reference-compatibility.md, Q8);
       * a query's own mask is thresholded on its mask probability, not on probability * score (MaskFormer; the
         reference's in-place multiply makes low-score segments shrink);
       * a fused class yields one `segments_info` entry (score = best of its queries) and new ids never reuse a

@@ -5,9 +5,9 @@ The head turns each object query into a mask logit map at 1/4 of the input resol
 1. `MHAttentionMap` scores the query against the encoder memory (one map per attention head, no value product);
 2. `MaskHeadSmallConv` decodes cat(input-projected features, those maps) with an FPN over backbone stages 2-4.
 
-Unlike the reference implementation (quirk Q13: every feature map is copied once per query, 300x, which needs
-8.8 GB at 384x512 and more than 24 GB at 800x1066), the per-image parts are computed once per image and the
-per-query parts only for the queries that need a mask, a chunk of queries at a time.
+Unlike `transformers` (docs/reference-compatibility.md, Q13: every feature map is copied once per query, 300x,
+which does not fit in 24 GB at 800x1066: bench/RESULTS.md §4), the per-image parts are computed once per image and
+the per-query parts only for the queries that need a mask, a chunk of queries at a time.
 """
 import json
 from dataclasses import dataclass
@@ -133,7 +133,7 @@ class ConditionalDetrForSegmentation(ConditionalDetrPreTrainedModel):
     """`ConditionalDetrForObjectDetection` (under `conditional_detr.`) + DETR's panoptic mask head.
 
     The detection outputs are exactly those of the detection model with the same weights: boxes include the
-    reference-point offset, which `transformers`' segmentation class forgets (quirk Q3).
+    reference-point offset, which `transformers`' segmentation class forgets (docs/reference-compatibility.md, Q3).
     """
 
     def __init__(self, config: ConditionalDetrConfig):
@@ -205,7 +205,7 @@ class ConditionalDetrForSegmentation(ConditionalDetrPreTrainedModel):
                          trains_detector: bool) -> ConditionalDetrSegmentationOutput:
         # Only matched queries are supervised by the mask losses, so only theirs are computed (DETR computes all
         # 300 and indexes them). The criterion repeats the (deterministic) matching on the same outputs.
-        from model.criterion import SetCriterion  # the training stack is optional for inference
+        from model.training.criterion import SetCriterion  # the training stack is optional for inference
 
         for target in labels:
             if "masks" not in target:

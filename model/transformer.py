@@ -118,7 +118,8 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
 
     def forward(self, src: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, S, C) flattened projected features → (B, S, C) memory. (No input dropout, unlike HF: Q10.)"""
+        """(B, S, C) flattened projected features → (B, S, C) memory. (No input dropout, unlike HF:
+        docs/reference-compatibility.md, Q10.)"""
         for layer in self.layers:
             src = layer(src, pos, key_padding_mask)
         return src
@@ -191,9 +192,10 @@ class DecoderLayer(FeedForwardMixin, nn.Module):
 class Decoder(nn.Module):
     """Six conditional layers sharing one set of reference points s = sigmoid(ref_point_head(p_q)).
 
-    Q2 (follow the original, not HF): the un-normalized state flows from layer to layer (and into `query_scale`);
-    the shared final `layernorm` is applied to each returned state only. So `auxiliary_loss` changes which states
-    are returned, never the final output; HF instead feeds normalized states onward when it is on.
+    We follow the original, not HF (docs/reference-compatibility.md, Q2): the un-normalized state flows from layer
+    to layer (and into `query_scale`); the shared final `layernorm` is applied to each returned state only. So
+    `auxiliary_loss` changes which states are returned, never the final output; HF instead feeds normalized states
+    onward when it is on.
     """
 
     def __init__(self, config: ConditionalDetrConfig):

@@ -1,25 +1,31 @@
-"""Batching across sources for one pool of workers (the nvstreammux rule, research note §0.1).
+"""Batching across sources for one pool of workers (the nvstreammux rule: docs/streaming-notes.md §1).
 
 A batch is sent when it holds `max_batch_size` frames, or `timeout_s` after its first chunk arrived. Each chunk
 comes from one source, and a batch takes at most `max_frames_per_source` frames of one source, so one busy source
 cannot fill every batch (nvstreammux's max-same-source-frames). Chunks wait in arrival order, which keeps sources
 round-robin. A source may have several chunks in one batch: a compute-bound job reads small chunks (a decoder is
 asked for as many frames as have just been written), and one chunk per source would cap the batch at the number
-of sources (measured: batches of 4-5 frames out of 8 with 4 sources).
+of sources (bench/RESULTS.md §5, "Batching fix").
 Pure bookkeeping: no Ray here, so the rules are tested on their own.
 """
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+from pipeline.frames import ChunkInfo
+from pipeline.schema import FrameResult
+
+if TYPE_CHECKING:  # for the annotation only: the batcher runs without Ray
+    import ray
 
 
 @dataclass
 class Chunk:
     source_id: str
     size: int  # frames in the chunk
-    info: Any  # decoder.ChunkInfo
-    frames: Any  # ObjectRef of the (n, h, w, 3) uint8 array; never fetched by the runner
+    info: ChunkInfo
+    frames: "ray.ObjectRef"  # of the chunk's (n, ...) uint8 array; never fetched by the runner
     arrived: float
-    results: list | None = None  # the chunk's FrameResults, once its batch has been inferred
+    results: list[FrameResult] | None = None  # once its batch has been inferred
 
 
 class Batcher:

@@ -14,6 +14,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.sources import parse_source_url, redact
+from pipeline.wire import DEFAULT_PREFIX
 
 ENV_PREFIX = "CDETR_"
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "model" / "weights" / "shapes-tiny"
@@ -128,7 +129,7 @@ class ModelSettings(_Section):
         False, description="also attach a COCO RLE mask to each detection (needs a segmentation checkpoint)")
     size: dict[str, int] | None = Field(
         None, description="processor resize rule override, e.g. {shortest_edge: 480, longest_edge: 800}")
-    # model/inference.py InferenceOptions; the always-on ones (batch-norm folding, channels-last) have no setting.
+    # model/optimize.py InferenceOptions; the always-on ones (batch-norm folding, channels-last) have no setting.
     autocast: Literal["bfloat16", "float16"] | None = Field(
         None, description="run the forward under autocast to this dtype (not within 1e-4 of float32; measure the "
         "task accuracy with `cdetr eval --autocast`)")
@@ -145,7 +146,7 @@ class ModelSettings(_Section):
 
 class RedisConfig(_Section):
     url: str | None = Field(None, description="redis:// or rediss:// URL (None: the embedded local default)")
-    prefix: str = Field("cdetr", pattern=r"^[A-Za-z0-9_.-]+$")
+    prefix: str = Field(DEFAULT_PREFIX, pattern=r"^[A-Za-z0-9_.-]+$")
     maxlen: int = Field(100_000, ge=1, description="approximate retention per frames stream (MAXLEN ~)")
     max_result_bytes: int = Field(
         4 << 20, ge=1024, description="a larger FrameResult is written without detections/panoptic, with `error`")

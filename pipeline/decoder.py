@@ -2,15 +2,15 @@
 
 The runner runs it as a Ray actor and pulls chunks of frames with `read()`. Frames leave the actor in one of two
 forms (`decoder.output`), both no larger than an RGB frame at model input size, so no full-size RGB frame travels
-through the object store (research note §0.4: a 1080p RGB frame is 6.2 MB):
+through the object store (a 1080p RGB frame is 6.2 MB: docs/streaming-notes.md §2):
 - `rgb`: scaled to model input size and converted to RGB by swscale (`to_ndarray(width, height, format="rgb24")`);
   the CPU workers' default, where the worker's core is the scarce one;
 - `yuv420`: the decoder's own YUV 4:2:0 planes, untouched (swscale only scales frames of more than twice the
   model's pixels down to model size, and odd sizes to even ones). That skips swscale's conversion and resize, which
-  cost ~2x the decoding itself, and is half the bytes of RGB; the worker's GPU converts and resizes them
-  (model/yuv.py). The GPU workers' default.
+  cost more than the decoding itself (bench/RESULTS.md §3), and is half the bytes of RGB; the worker's GPU
+  converts and resizes them (model/yuv.py). The GPU workers' default.
 
-Backpressure (research note §2.1, Roboflow's WAIT/LAZY vs DROP_OLDEST/EAGER):
+Backpressure (Roboflow's WAIT/LAZY vs DROP_OLDEST/EAGER: docs/streaming-notes.md §3):
 - `block`: the decode thread waits while the buffer is full, so no frame is ever lost (files);
 - `drop_oldest`: the buffer drops its oldest frame when full, and `read()` hands out only the newest frames
   (live sources); drops are counted.
@@ -24,7 +24,6 @@ reported the same way.
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 import av
 import numpy as np
@@ -32,44 +31,12 @@ from av.video.reformatter import Colorspace, ColorRange
 
 from model.image_size import get_resize_output_size
 from pipeline.config import DecoderConfig, SourceConfig
+from pipeline.frames import RGB, ChunkInfo, FrameFormat, FrameMeta
 from pipeline.schema import Event
 from pipeline.sources import open_options, parse_source_url, redact
 
 # A frame's colour matrix tag -> model/yuv.py's name; untagged video is BT.601, as swscale assumes.
 _MATRICES = {Colorspace.ITU709: "bt709", Colorspace.BT2020: "bt2020"}
-
-
-@dataclass
-class FrameMeta:
-    frame_index: int
-    pts: float | None
-    captured_at: float  # unix time when decoded
-    width: int  # source frame size; the array itself is model-sized
-    height: int
-    decode_ms: float
-
-
-@dataclass(frozen=True)
-class FrameFormat:
-    """How a frame array holds its pixels: `rgb24` (h, w, 3) or `yuv420p` (3h/2, w) with the frame's YUV matrix
-    and range (model/yuv.py)."""
-    pixels: str = "rgb24"
-    matrix: str = "bt601"
-    full_range: bool = False
-
-
-RGB = FrameFormat()
-
-
-@dataclass
-class ChunkInfo:
-    """What `read()` returns next to the (n, ...) uint8 frames: small, so the runner fetches it."""
-    source_id: str
-    frames: list[FrameMeta]
-    format: FrameFormat = RGB  # of every frame in the chunk
-    events: list[Event] = field(default_factory=list)
-    dropped: int = 0  # total frames dropped by the drop_oldest policy so far
-    finished: bool = False  # the source ended (EOF or error) and every frame has been read
 
 
 class StalledError(RuntimeError):

@@ -6,37 +6,18 @@ randomly initialized tiny model and says so loudly: its detections are then mean
 import sys
 from pathlib import Path
 
-from model import (ConditionalDetrConfig, ConditionalDetrForObjectDetection, ConditionalDetrForSegmentation,
-                   ConditionalDetrImageProcessor)
-from model.shapes import ID2LABEL, STUFF_IDS, write_sample_video
+from model.training.random_model import save_random_tiny_model
+from model.training.shapes import write_sample_video
 from pipeline.config import DEFAULT_MODEL_PATH, PipelineConfig
 from pipeline.redis_server import resolve_redis_url
 from pipeline.render import render_video
-from pipeline.runner import print_summary, run_job
+from pipeline.run_command import print_summary
+from pipeline.runner import run_job
 from pipeline.sink import RedisSink, connect
 from model.segmentation import has_panoptic_head
 
 OUT = Path("demo-out")
 SOURCE_ID = "demo-shapes"
-
-
-def save_random_tiny_model(directory: Path, size: dict[str, int], panoptic: bool = False) -> Path:
-    """A randomly initialized ResNet-18 Conditional DETR (tiny transformer, shapes labels) + its processor config;
-    with `panoptic`, a ConditionalDetrForSegmentation (its mask head needs d_model 128 and 8 heads).
-
-    For tests, benchmarks and the demo's fallback: fast on CPU, and loaded through the same `from_pretrained`
-    path as a real checkpoint.
-    """
-    d_model, heads = (128, 8) if panoptic else (32, 2)
-    config = ConditionalDetrConfig(backbone="resnet18", d_model=d_model, encoder_layers=1, decoder_layers=1,
-                                   encoder_attention_heads=heads, decoder_attention_heads=heads,
-                                   encoder_ffn_dim=2 * d_model, decoder_ffn_dim=2 * d_model, num_queries=10,
-                                   id2label=ID2LABEL, frozen_batch_norm=False,
-                                   stuff_labels=STUFF_IDS if panoptic else [])
-    model_class = ConditionalDetrForSegmentation if panoptic else ConditionalDetrForObjectDetection
-    model_class(config).eval().save_pretrained(directory)
-    ConditionalDetrImageProcessor(size=size).save_pretrained(directory)
-    return directory
 
 
 def _model_path() -> Path:

@@ -4,15 +4,16 @@ The embedded server is daemonized so that results outlive `cdetr run` (for `cdet
 afterwards); it keeps data in memory only (`--save '' --appendonly no`). Stop it with
 `redis-cli -p 6379 shutdown nosave`.
 """
+import logging
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6379
 
@@ -45,13 +46,13 @@ def start_redis_server(port: int, workdir: Path, daemonize: bool = False, extra:
 
 
 def resolve_redis_url(url: str | None) -> str:
-    """`url` itself, or the default local server, started here (and announced on stderr) if it is not running."""
+    """`url` itself, or the default local server, started here (and logged) if it is not running."""
     if url is not None:
         return url
     default = f"redis://{DEFAULT_HOST}:{DEFAULT_PORT}/0"
     if not is_listening(DEFAULT_HOST, DEFAULT_PORT):
         workdir = Path(tempfile.gettempdir()) / "cdetr-redis"
         start_redis_server(DEFAULT_PORT, workdir, daemonize=True)
-        print(f"cdetr: started an embedded redis-server at {default} (in-memory; log {workdir / 'redis.log'}; "
-              f"stop it with `redis-cli -p {DEFAULT_PORT} shutdown nosave`)", file=sys.stderr)
+        logger.info("started an embedded redis-server at %s (in-memory; log %s; stop it with `redis-cli -p %d "
+                    "shutdown nosave`)", default, workdir / "redis.log", DEFAULT_PORT)
     return default

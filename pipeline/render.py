@@ -10,9 +10,11 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
+from model.coco_format import rgb_to_id
 from pipeline.redis_server import resolve_redis_url
 from pipeline.schema import Detection, FrameResult, Panoptic
 from pipeline.sink import RedisSink, connect
+from pipeline.wire import DEFAULT_PREFIX, JSON_FIELD, TYPE_FIELD
 
 _PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
                      (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)],
@@ -33,8 +35,7 @@ def draw_detections(image: Image.Image, detections: list[Detection]) -> Image.Im
 def draw_panoptic(image: Image.Image, panoptic: Panoptic, alpha: float = 0.45) -> Image.Image:
     """Blend a colour per segment over `image` (the PNG is at model resolution: scaled with nearest neighbour)."""
     png = Image.open(io.BytesIO(base64.b64decode(panoptic.png))).convert("RGB").resize(image.size, Image.NEAREST)
-    rgb = np.asarray(png, dtype=np.int64)
-    ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 ** 2 * rgb[..., 2]
+    ids = rgb_to_id(np.asarray(png))
     category = {s.id: s.category_id for s in panoptic.segments}
     colours = np.zeros((*ids.shape, 3), np.uint8)
     for segment_id, category_id in category.items():
@@ -54,7 +55,7 @@ def annotate(image: Image.Image, result: FrameResult) -> Image.Image:
 def source_url(sink: RedisSink, source_id: str) -> str:
     """The URL a source was processed from, as its `started` event recorded it."""
     for _, fields in sink.client.xrevrange(sink.events_key, count=100_000):
-        event = json.loads(fields["json"])
+        event = json.loads(fields[JSON_FIELD])
         if event["type"] == "started" and event["source_id"] == source_id:
             return event["details"]["url"]
     raise LookupError(f"no `started` event for source {source_id!r} in {sink.events_key}; pass --video")
@@ -85,8 +86,8 @@ def render_video(sink: RedisSink, source_id: str, out_path: Path, video: str | N
 
 def _results(sink: RedisSink, source_id: str):
     for _, fields in sink.client.xrange(sink.frames_key(source_id)):
-        if fields.get("type") == "frame":
-            yield FrameResult.model_validate_json(fields["json"])
+        if fields.get(TYPE_FIELD) == "frame":
+            yield FrameResult.model_validate_json(fields[JSON_FIELD])
 
 
 # --- `cdetr render` ---
@@ -96,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, metavar="OUT.mp4")
     parser.add_argument("--video", help="the source video (default: the URL its `started` event recorded)")
     parser.add_argument("--redis-url", help="redis:// or rediss:// URL (default: the local server)")
-    parser.add_argument("--prefix", default="cdetr", help="stream key prefix")
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="stream key prefix")
 
 
 def run(args: argparse.Namespace) -> int:

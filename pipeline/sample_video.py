@@ -1,8 +1,8 @@
-"""`cdetr sample-video`: the procedural shapes video of `model.shapes`, with its ground truth beside it."""
+"""`cdetr sample-video`: the procedural shapes video of `model.training.shapes`, with its ground truth beside it."""
 import argparse
 from pathlib import Path
 
-from model.shapes import write_sample_video
+from model.training.shapes import write_sample_video
 
 
 def parse_size(text: str) -> tuple[int, int]:

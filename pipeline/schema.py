@@ -1,4 +1,5 @@
-"""The Redis wire format, version 1 (docs/wire-format.md), as pydantic models.
+"""The Redis wire format, version 1 (docs/wire-format.md), as pydantic models: the messages inside the entries
+(the streams' keys, entry fields and entry IDs are pipeline/wire.py).
 
 Producers and Python subscribers share these classes; `cdetr schema` prints their JSON Schema for everyone else.
 Fields may be added, never renamed; `v` bumps on a breaking change. Readers ignore fields they do not know, so an

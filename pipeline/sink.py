@@ -1,11 +1,10 @@
 """Redis Streams writer: the producer side of the wire contract (docs/wire-format.md).
 
-Entry IDs are explicit: frame `i` of a source is written as `<i+1>-0`, and the source's `eos` entry as
-`<last+1>-1` right after its last frame `last` (`0-1` when no frame was written). The ms part is the 1-based frame
-index, so IDs increase strictly with the frame index (frames are written in order), never depend on clocks, and a
-retried write is rejected by Redis ("equal or smaller than the target stream top item") instead of duplicating a
-frame; the sink then checks the entry exists and counts it as written. The same IDs let a restarted job resume a
-file after the last frame in Redis.
+Entry IDs are explicit (pipeline/wire.py): frame `i` of a source is written as `<i+1>-0`, its `eos` entry right
+after the last frame. IDs increase strictly with the frame index (frames are written in order), so a retried write
+is rejected by Redis ("equal or smaller than the target stream top item") instead of duplicating a frame; the sink
+then checks the entry exists and counts it as written. The same IDs let a restarted job resume a file after the
+last frame in Redis.
 
 Every command is retried while Redis is unreachable (restarting, loading its AOF, network gone), with exponential
 backoff up to `Backoff.timeout_s`. The runner's loop waits meanwhile, and since everything upstream of the sink is
@@ -17,7 +16,7 @@ A FrameResult whose JSON exceeds `max_result_bytes` (a panoptic PNG of a huge fr
 its frame index, so the stream has no gap, but with empty `detections`, `panoptic` null and `error` saying why;
 an `error` event names the frame.
 """
-import sys
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
@@ -27,7 +26,10 @@ import redis
 from pipeline.config import RedisConfig
 from pipeline.schema import Event, FrameResult
 from pipeline.sources import redact
+from pipeline.wire import (DEFAULT_PREFIX, JSON_FIELD, TYPE_FIELD, control_key, eos_entry_id, events_key,
+                           frame_entry_id, frame_index_of, frames_key)
 
+logger = logging.getLogger(__name__)
 _ID_TOO_SMALL = "equal or smaller"
 T = TypeVar("T")
 
@@ -39,19 +41,6 @@ class Backoff:
     timeout_s: float = 600.0
 
 
-def frame_entry_id(frame_index: int) -> str:
-    return f"{frame_index + 1}-0"
-
-
-def eos_entry_id(last_frame_index: int | None) -> str:
-    return f"{0 if last_frame_index is None else last_frame_index + 1}-1"
-
-
-def frame_index_of(entry_id: str) -> int:
-    """Inverse of `frame_entry_id` (works for the eos entry too: the frame before it)."""
-    return int(entry_id.split("-")[0]) - 1
-
-
 @dataclass
 class StreamState:
     last_frame_index: int | None  # None: no frame written yet
@@ -59,14 +48,14 @@ class StreamState:
 
 
 class RedisSink:
-    def __init__(self, client: redis.Redis, prefix: str = "cdetr", maxlen: int = 100_000,
+    def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX, maxlen: int = 100_000,
                  max_result_bytes: int = 4 << 20, backoff: Backoff = Backoff()):
         self.client = client
         self.prefix = prefix
         self.maxlen = maxlen
         self.max_result_bytes = max_result_bytes
         self.backoff = backoff
-        self.outages: list[float] = []  # seconds Redis was unreachable, per outage (for the summary and tests)
+        self.outages: list[float] = []  # seconds Redis was unreachable, per outage (the faults test reads them)
 
     @classmethod
     def from_config(cls, client: redis.Redis, cfg: RedisConfig) -> "RedisSink":
@@ -74,15 +63,15 @@ class RedisSink:
                    Backoff(cfg.retry_initial_s, cfg.retry_max_s, cfg.retry_timeout_s))
 
     def frames_key(self, source_id: str) -> str:
-        return f"{self.prefix}:frames:{source_id}"
+        return frames_key(self.prefix, source_id)
 
     @property
     def events_key(self) -> str:
-        return f"{self.prefix}:events"
+        return events_key(self.prefix)
 
     @property
     def control_key(self) -> str:
-        return f"{self.prefix}:control"
+        return control_key(self.prefix)
 
     def state(self, source_id: str) -> StreamState:
         """Where a source's stream stands, read from its last entry (the resume point)."""
@@ -90,7 +79,7 @@ class RedisSink:
         if not last:
             return StreamState(None, False)
         entry_id, fields = last[0]
-        finished = fields.get("type") == "eos"
+        finished = fields.get(TYPE_FIELD) == "eos"
         index = frame_index_of(entry_id)
         # The eos entry shares the ms part of the last frame, but its ms part 0 means "no frames at all".
         return StreamState(None if index < 0 else index, finished)
@@ -104,7 +93,7 @@ class RedisSink:
         def write() -> None:
             pipe = self.client.pipeline(transaction=False)
             for r, payload in zip(results, payloads):
-                pipe.xadd(self.frames_key(r.source_id), {"type": "frame", "json": payload},
+                pipe.xadd(self.frames_key(r.source_id), {TYPE_FIELD: "frame", JSON_FIELD: payload},
                           id=frame_entry_id(r.frame_index), maxlen=self.maxlen, approximate=True)
             replies = pipe.execute(raise_on_error=False)
             for r, reply in zip(results, replies):
@@ -131,7 +120,7 @@ class RedisSink:
 
         def write() -> None:
             try:
-                self.client.xadd(self.frames_key(source_id), {"type": "eos", "json": payload.model_dump_json()},
+                self.client.xadd(self.frames_key(source_id), {TYPE_FIELD: "eos", JSON_FIELD: payload.model_dump_json()},
                                  id=entry_id, maxlen=self.maxlen, approximate=True)
             except redis.ResponseError as e:
                 self._check_duplicate(e, self.frames_key(source_id), entry_id)
@@ -142,8 +131,8 @@ class RedisSink:
     def event(self, event: Event) -> None:
         # Events are a log, not keyed by frame: server-assigned IDs are right here (a retry after a lost reply
         # may log an event twice; frames never repeat).
-        self._retrying(lambda: self.client.xadd(self.events_key, {"type": event.type,
-                                                                  "json": event.model_dump_json()},
+        self._retrying(lambda: self.client.xadd(self.events_key, {TYPE_FIELD: event.type,
+                                                                  JSON_FIELD: event.model_dump_json()},
                                                 maxlen=self.maxlen, approximate=True))
 
     def control_tail(self) -> str:
@@ -168,8 +157,8 @@ class RedisSink:
                 now = time.monotonic()
                 if down_since is None:
                     down_since = now
-                    print(f"cdetr: Redis unreachable ({type(e).__name__}: {e}); retrying for up to "
-                          f"{self.backoff.timeout_s:g} s", file=sys.stderr)
+                    logger.warning("Redis unreachable (%s: %s); retrying for up to %g s", type(e).__name__, e,
+                                   self.backoff.timeout_s)
                 elif now - down_since > self.backoff.timeout_s:
                     raise ConnectionError(f"Redis unreachable for {now - down_since:.0f} s: {e}") from None
                 time.sleep(delay)
@@ -177,7 +166,7 @@ class RedisSink:
                 continue
             if down_since is not None:
                 self.outages.append(time.monotonic() - down_since)
-                print(f"cdetr: Redis reachable again after {self.outages[-1]:.1f} s", file=sys.stderr)
+                logger.info("Redis reachable again after %.1f s", self.outages[-1])
             return result
 
     def _check_duplicate(self, error: Exception, key: str, entry_id: str) -> None:

@@ -13,6 +13,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.redis_server import DEFAULT_HOST, DEFAULT_PORT
 from pipeline.schema import AddSource
 from pipeline.sink import RedisSink, connect
+from pipeline.wire import DEFAULT_PREFIX, JSON_FIELD
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, help="sample the source at most at this rate")
     parser.add_argument("--policy", choices=("block", "drop_oldest"), help="backpressure (default: by source kind)")
     parser.add_argument("--redis-url", help="the pipeline's redis:// or rediss:// URL (default: the local server)")
-    parser.add_argument("--prefix", help="key prefix of the running pipeline (default: cdetr)")
+    parser.add_argument("--prefix", help=f"key prefix of the running pipeline (default: {DEFAULT_PREFIX})")
     parser.add_argument("--config", type=Path, help="the pipeline's YAML/JSON config file (for its redis section)")
 
 
@@ -42,6 +43,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"cdetr submit: {e}", file=sys.stderr)
         return 1
     message = AddSource(op="add", source=config.sources[0])
-    entry_id = sink.client.xadd(sink.control_key, {"json": message.model_dump_json(exclude_none=True)})
+    entry_id = sink.client.xadd(sink.control_key, {JSON_FIELD: message.model_dump_json(exclude_none=True)})
     print(f"cdetr submit: {args.source_id} sent to {sink.control_key} ({entry_id})", file=sys.stderr)
     return 0

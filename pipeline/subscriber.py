@@ -16,17 +16,18 @@ import redis
 from pipeline.redis_server import resolve_redis_url
 from pipeline.schema import FrameResult
 from pipeline.sink import connect
+from pipeline.wire import DEFAULT_PREFIX, JSON_FIELD, TYPE_FIELD, frames_key
 
 _BATCH = 100
 
 
 class Subscriber:
-    def __init__(self, client: redis.Redis, source_id: str, prefix: str = "cdetr", group: str | None = None,
+    def __init__(self, client: redis.Redis, source_id: str, prefix: str = DEFAULT_PREFIX, group: str | None = None,
                  consumer: str | None = None, claim_idle_ms: int = 60_000, block_ms: int | None = None):
         if (group is None) != (consumer is None):
             raise ValueError("a consumer group needs both group and consumer names")
         self.client = client
-        self.key = f"{prefix}:frames:{source_id}"
+        self.key = frames_key(prefix, source_id)
         self.group = group
         self.consumer = consumer
         self.claim_idle_ms = claim_idle_ms
@@ -35,10 +36,10 @@ class Subscriber:
     def __iter__(self) -> Iterator[FrameResult]:
         entries = self._group_entries() if self.group else self._plain_entries()
         for entry_id, fields in entries:
-            if fields.get("type") == "eos":
+            if fields.get(TYPE_FIELD) == "eos":
                 self._ack(entry_id)
                 return
-            yield FrameResult.model_validate_json(fields["json"])
+            yield FrameResult.model_validate_json(fields[JSON_FIELD])
             self._ack(entry_id)  # the loop body finished with this entry
 
     def _plain_entries(self) -> Iterator[tuple[str, dict]]:
@@ -107,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group", help="consumer group (at-least-once delivery with acks)")
     parser.add_argument("--consumer", help="consumer name within --group")
     parser.add_argument("--redis-url", help="redis:// or rediss:// URL (default: the local server)")
-    parser.add_argument("--prefix", default="cdetr", help="stream key prefix")
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="stream key prefix")
 
 
 def run(args: argparse.Namespace) -> int:

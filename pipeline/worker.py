@@ -15,13 +15,13 @@ import torch
 
 from model import ConditionalDetrForSegmentation, ConditionalDetrImageProcessor
 from model.image_size import get_resize_output_size
-from model.inference import InferenceOptions, frames_to_device, optimize
-from model.panoptic import panoptic_to_coco
+from model.coco_format import panoptic_to_coco
+from model.optimize import InferenceOptions, frames_to_device, optimize
 from model.post_processing import post_process_detection_masks
 from model.segmentation import has_panoptic_head, load_detector
 from model.yuv import yuv420_to_rgb
 from pipeline.config import ModelSettings
-from pipeline.decoder import ChunkInfo, FrameFormat
+from pipeline.frames import ChunkInfo, FrameFormat
 from pipeline.schema import RLE, Detection, FrameResult, Panoptic, Segment
 
 
@@ -133,9 +133,6 @@ class DetectorWorker:
         torch.set_num_threads(max(1, num_threads))
         device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
         self.detector = Detector(settings, device, max_batch_size)
-
-    def device(self) -> str:
-        return str(self.detector.device)
 
     def infer(self, infos: list[ChunkInfo], *chunks: np.ndarray) -> list[list[FrameResult]]:
         """One batch: chunk `i` holds the frames of `infos[i]`. Returns FrameResults per chunk, in order."""

@@ -54,7 +54,7 @@ def frame_indices(sink: RedisSink, source_id: str) -> dict:
 
 def running_job(job: Job) -> tuple[threading.Thread, dict]:
     summary: dict = {}
-    thread = threading.Thread(target=lambda: summary.update(job.run()), daemon=True)
+    thread = threading.Thread(target=lambda: summary.update(job.process()), daemon=True)
     thread.start()
     return thread, summary
 

@@ -42,14 +42,14 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from pipeline.demo import save_random_tiny_model
+    from model.training.random_model import save_random_tiny_model
 
     return save_random_tiny_model(tmp_path_factory.mktemp("tiny-model"), TINY_MODEL_SIZE)
 
 
 @pytest.fixture(scope="session")
 def tiny_panoptic_model(tmp_path_factory) -> Path:
-    from pipeline.demo import save_random_tiny_model
+    from model.training.random_model import save_random_tiny_model
 
     return save_random_tiny_model(tmp_path_factory.mktemp("tiny-panoptic"), TINY_MODEL_SIZE, panoptic=True)
 

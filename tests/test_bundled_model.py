@@ -1,6 +1,6 @@
 """The shipped model reproduces `model/weights/EVAL.md` on its three test sets, none of them seen in training: the
 square set of its own generator (500 images, seed 2), 16:9 videos of `cdetr sample-video` (seeds 7, 8, 9, 12) and
-the independent renderer's set (`model.holdout_shapes`, 200 images, seed 0); each is evaluated as `cdetr eval`
+the independent renderer's set (`model.training.holdout_shapes`, 200 images, seed 0); each is evaluated as `cdetr eval`
 does.
 
 Tolerances: float32 kernels differ between CPUs (AVX2, AVX-512, AMX) in the last bits, which reorders a near-tie of
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from model import ConditionalDetrForSegmentation, ConditionalDetrImageProcessor
-from model.evaluate import evaluate
-from model.holdout_shapes import write_holdout_dataset
-from model.inference import InferenceOptions, optimize
+from model.optimize import InferenceOptions, optimize
+from model.training.evaluate import evaluate
+from model.training.holdout_shapes import write_holdout_dataset
 from model.segmentation import load_detector
-from model.shapes import video_to_dataset, write_dataset, write_sample_video
+from model.training.shapes import video_to_dataset, write_dataset, write_sample_video
 from pipeline.config import DEFAULT_MODEL_PATH
 
 EVAL_MD = DEFAULT_MODEL_PATH.parent / "EVAL.md"

@@ -17,7 +17,8 @@ from model.config import ConditionalDetrConfig
 
 TOLERANCE = 1e-4
 
-# v4 → original key renames, written independently of model/checkpoint.py (reference §6.2 read backwards).
+# v4 → original key renames, written independently of model/checkpoint.py (docs/checkpoint-formats.md,
+# "original .pth", read backwards).
 TO_ORIGINAL = (
     (r"^model\.backbone\.conv_encoder\.model\.", "backbone.0.body."),
     (r"^model\.decoder\.layernorm\.", "transformer.decoder.norm."),

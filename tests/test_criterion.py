@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.config import ConditionalDetrConfig
-from model.criterion import SetCriterion, dice_loss, sigmoid_focal_loss
+from model.training.criterion import SetCriterion, dice_loss, sigmoid_focal_loss
 
 # The original recipe's weights, which ConditionalDetrConfig's defaults describe.
 WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_mask": 1.0, "loss_dice": 1.0}
@@ -87,7 +87,8 @@ def test_mask_losses_upsample_to_target_size():
 
 def test_original_weights_and_bad_input():
     criterion = _criterion(4)
-    assert criterion.weight_dict == WEIGHTS  # loss_ce weight 2 as in the original, not 1 as in transformers (Q4)
+    # loss_ce weight 2 as in the original, not 1 as in transformers (docs/reference-compatibility.md, Q4)
+    assert criterion.weight_dict == WEIGHTS
     with pytest.raises(ValueError, match="class_labels must lie in"):
         criterion({"logits": torch.zeros(1, 2, 4), "pred_boxes": torch.rand(1, 2, 4)},
                   [{"class_labels": torch.tensor([4]), "boxes": torch.tensor([[0.5, 0.5, 0.1, 0.1]])}])

@@ -1,20 +1,30 @@
 """Datasets and augmentations: targets stay consistent with the pixels; batches are padded with a pixel mask."""
+import json
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from model import shapes
 from model.box_ops import box_cxcywh_to_xyxy
-from model.datasets import (AspectGroupedBatches, Collator, CocoDetection, CocoPanoptic, RandomHorizontalFlip, RandomResize,
-                            RandomSizeCrop, make_transforms)
-from model.train import make_processor
+from model.coco_format import rle_to_mask
+from model.training import shapes
+from model.training.datasets import AspectGroupedBatches, Collator, CocoDetection, CocoPanoptic, label_map
+from model.training.train import make_processor
+from model.training.transforms import RandomHorizontalFlip, RandomResize, RandomSizeCrop, make_transforms
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return shapes.write_dataset(tmp_path_factory.mktemp("shapes"), n_images=3, size=(96, 64), seed=3)
+
+
+def _with_masks(data, index):
+    """A CocoDetection sample, its target given its objects' masks (annotations.json's RLE segmentations)."""
+    image, target = CocoDetection(data)[index]
+    coco = json.loads((data / "annotations.json").read_text())
+    masks = [rle_to_mask(a["segmentation"]) for a in coco["annotations"] if a["image_id"] == target["image_id"]]
+    return image, {**target, "masks": torch.from_numpy(np.stack(masks))}
 
 
 def _mask_box(mask):
@@ -23,7 +33,7 @@ def _mask_box(mask):
 
 
 def test_detection_targets_match_masks(data):
-    image, target = CocoDetection(data, masks=True)[0]
+    image, target = _with_masks(data, 0)
     assert image.size == (96, 64)
     for box, mask in zip(target["boxes"], target["masks"]):
         assert box.tolist() == _mask_box(mask)  # absolute xyxy, pixel edges
@@ -39,7 +49,7 @@ def test_panoptic_targets_cover_the_image(data):
 
 def test_flip_and_crop_keep_boxes_on_their_masks(data):
     random.seed(0)
-    image, target = CocoDetection(data, masks=True)[2]
+    image, target = _with_masks(data, 2)
     flipped_image, flipped = RandomHorizontalFlip(p=1.0)(image, target)
     assert np.array_equal(np.asarray(flipped_image)[:, ::-1], np.asarray(image))
     for box, mask in zip(flipped["boxes"], flipped["masks"]):
@@ -55,7 +65,7 @@ def test_flip_and_crop_keep_boxes_on_their_masks(data):
 
 
 def test_resize_scales_boxes_and_masks(data):
-    image, target = CocoDetection(data, masks=True)[0]
+    image, target = _with_masks(data, 0)
     resized_image, resized = RandomResize([32], max_size=100)(image, target)
     assert resized_image.size == (48, 32) and resized["masks"].shape[-2:] == (32, 48)
     assert torch.allclose(resized["boxes"], target["boxes"] / 2)
@@ -99,3 +109,42 @@ def test_resize_keeps_a_target_with_no_segment():
               "masks": torch.zeros((0, 40, 60), dtype=torch.bool)}
     image, out = RandomResize([20])(Image.new("RGB", (60, 40)), target)
     assert image.size == (30, 20) and out["masks"].shape == (0, 20, 30)
+
+
+def test_label_map_is_every_category_of_the_dataset(data, tmp_path):
+    assert label_map(data) == shapes.ID2LABEL  # panoptic.json: things and stuff
+    (tmp_path / "annotations.json").write_text(json.dumps(
+        {"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}, {"id": 3, "name": "c"}]}))
+    assert label_map(tmp_path) == {0: "N/A", 1: "a", 2: "N/A", 3: "c"}
+
+
+def test_datasets_follow_the_processor_rule_for_crowds_and_clipping(tmp_path):
+    """Detection: crowd objects and boxes empty after clipping are dropped, boxes clipped to the image. Panoptic:
+    every segment is a target, crowd ones included (model.coco_targets)."""
+    from PIL import Image
+
+    from model.coco_format import encode_id_png
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "panoptic").mkdir()
+    Image.new("RGB", (40, 30)).save(tmp_path / "images" / "0.png")
+    image = {"id": 0, "file_name": "0.png", "width": 40, "height": 30}
+    objects = [{"bbox": [2, 3, 10, 5], "category_id": 1}, {"bbox": [35, 20, 10, 20], "category_id": 2},
+               {"bbox": [5, 5, 0, 4], "category_id": 1}, {"bbox": [1, 1, 4, 4], "category_id": 2, "iscrowd": 1}]
+    (tmp_path / "annotations.json").write_text(json.dumps({"images": [image], "categories": [], "annotations": [
+        {"id": i + 1, "image_id": 0, **obj} for i, obj in enumerate(objects)]}))
+    _, target = CocoDetection(tmp_path)[0]
+    assert target["class_labels"].tolist() == [1, 2]
+    assert target["boxes"].tolist() == [[2, 3, 12, 8], [35, 20, 40, 30]]
+
+    ids = np.full((30, 40), 6, dtype=np.int64)
+    ids[:10] = 5
+    (tmp_path / "panoptic" / "0.png").write_bytes(encode_id_png(ids))
+    segments = [{"id": 5, "category_id": 7, "bbox": [0, 0, 40, 10], "iscrowd": 1},
+                {"id": 6, "category_id": 8, "bbox": [0, 10, 40, 20], "iscrowd": 0}]
+    (tmp_path / "panoptic.json").write_text(json.dumps({"images": [image], "annotations": [
+        {"image_id": 0, "file_name": "0.png", "segments_info": segments}], "categories": [
+        {"id": 7, "name": "crowd", "isthing": 1}, {"id": 8, "name": "rest", "isthing": 0}]}))
+    _, target = CocoPanoptic(tmp_path)[0]
+    assert target["class_labels"].tolist() == [7, 8]
+    assert target["masks"].sum((1, 2)).tolist() == [400, 800]

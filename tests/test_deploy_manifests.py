@@ -22,6 +22,7 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.redis_server import is_listening
+from pipeline.wire import DEFAULT_PREFIX, frames_key
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 MANIFESTS = sorted((DEPLOY / "kuberay").glob("*.yaml")) + sorted((DEPLOY / "redis").glob("*.yaml"))
@@ -239,7 +240,7 @@ def test_rayjob_runs_cdetr_run_on_the_cluster_of_raycluster_yaml():
 def test_rayjob_entrypoint_is_accepted_by_cdetr_run():
     import argparse
 
-    from pipeline.runner import _overrides, add_arguments  # the real `cdetr run` parser (imports torch: slow-ish)
+    from pipeline.run_command import _overrides, add_arguments  # the real `cdetr run` parser (imports torch: slow-ish)
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -295,9 +296,10 @@ def test_redis_config_persists_and_requires_the_secret_password(tmp_path):
         assert client.config_get("appendonly") == {"appendonly": "yes"}
         assert client.config_get("appendfsync") == {"appendfsync": "always"}
         assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
-        client.xadd("cdetr:frames:cam1", {"type": "frame", "json": "{}"}, id="1-0")
+        key = frames_key(DEFAULT_PREFIX, "cam1")
+        client.xadd(key, {"type": "frame", "json": "{}"}, id="1-0")
         aof = b"".join(p.read_bytes() for p in (tmp_path / "data" / "appendonlydir").glob("*.aof"))
-        assert b"cdetr:frames:cam1" in aof, "the acknowledged write is not in the AOF on the data volume"
+        assert key.encode() in aof, "the acknowledged write is not in the AOF on the data volume"
         assert (tmp_path / "auth" / "auth.conf").stat().st_mode & 0o077 == 0, "password file readable by others"
     finally:
         server.terminate()

@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model import shapes
-from model.evaluate import coco_metrics, matched_boxes, panoptic_quality
-from model.panoptic import decode_id_png
+from model.coco_format import decode_id_png
+from model.training import shapes
+from model.training.evaluate import coco_metrics, matched_boxes, panoptic_quality
 
 CATEGORIES = [{"id": 1, "name": "a", "isthing": 1}, {"id": 2, "name": "b", "isthing": 1},
               {"id": 7, "name": "s", "isthing": 0}]
@@ -80,8 +80,8 @@ def test_instance_results_use_each_querys_own_mask_inside_the_unpadded_image():
 
     import torch
 
-    from model.evaluate import _instance_results
-    from model.panoptic import rle_to_mask
+    from model.coco_format import rle_to_mask
+    from model.training.evaluate import _instance_results
 
     logits = torch.full((1, 2, 3), -10.0)
     logits[0, 0, 1], logits[0, 1, 2] = 5.0, 4.0  # query 0: class 1, query 1: class 2

@@ -24,7 +24,7 @@ from model.image_processor import (  # noqa: E402
     rescale_and_normalize_,
     resize_frames,
 )
-from model.panoptic import encode_id_png, mask_to_rle  # noqa: E402
+from model.coco_format import encode_id_png, mask_to_rle  # noqa: E402
 
 SIZES = [(1280, 720), (640, 480), (2000, 300), (300, 2000), (320, 240)]  # (width, height)
 GREY_LEVEL = 1 / 255 / 0.224  # one uint8 step after normalization, for the smallest std
@@ -226,7 +226,8 @@ def test_panoptic_labels_match_transformers(processor, hf_pil, tmp_path):
 
 
 def test_batched_boxes_stay_relative_to_the_unpadded_image(processor, hf_pil):
-    """Q7: unlike transformers, padding does not change boxes or `size` (original DETR behaviour)."""
+    """Unlike transformers, padding does not change boxes or `size` (original DETR behaviour;
+    docs/reference-compatibility.md, Q7)."""
     image, other = random_image(640, 480), random_image(480, 640, seed=3)
     alone = processor(image, annotations=detection_annotation(), return_tensors="pt")["labels"][0]
     batch = processor([image, other], annotations=[detection_annotation(), {"image_id": 8, "annotations": []}],

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model.matcher import HungarianMatcher
+from model.training.matcher import HungarianMatcher
 
 
 def _giou(a, b):

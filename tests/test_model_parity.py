@@ -52,7 +52,7 @@ def test_detection_matches_transformers(reference, layout, record_property):
     assert torch.allclose(out.last_hidden_state, expected.last_hidden_state, atol=TOLERANCE)
     assert torch.allclose(out.encoder_last_hidden_state, expected.encoder_last_hidden_state, atol=TOLERANCE)
     # Reference points: ours (B, Q, 2) = sigmoid(ref_point_head(learned queries)), the same for every image
-    # (HF's base-model output holds them as (Q, B, 2), quirk Q1).
+    # (HF's base-model output holds them as (Q, B, 2): docs/reference-compatibility.md, Q1).
     with torch.no_grad():
         hf_points = hf.model.decoder.ref_point_head(hf.model.query_position_embeddings.weight).sigmoid()
     assert torch.allclose(out.reference_points, hf_points.expand(2, -1, -1), atol=TOLERANCE)
@@ -125,7 +125,8 @@ def tiny_config():
 
 
 def test_auxiliary_loss_does_not_change_inference(tiny_config):
-    """Q2: we follow the original — aux outputs come from normalized copies; the final output is unchanged."""
+    """We follow the original (docs/reference-compatibility.md, Q2): aux outputs come from normalized copies; the
+    final output is unchanged."""
     torch.manual_seed(0)
     plain = ConditionalDetrForObjectDetection(tiny_config).eval()
     aux_config = ConditionalDetrConfig.from_dict(tiny_config.to_dict(), auxiliary_loss=True)

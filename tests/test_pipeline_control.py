@@ -7,7 +7,7 @@ import threading
 import numpy as np
 
 from helpers import count_frames, encode_video, wait_for
-from model.panoptic import decode_id_png
+from model.coco_format import decode_id_png
 from pipeline.cli import main
 from pipeline.config import PipelineConfig
 from pipeline.runner import Job
@@ -43,7 +43,7 @@ def test_resume_and_control_stream(tmp_path, redis_server, redis_client, ray_ses
         "model": {"path": str(tiny_model)}, "redis": {"url": redis_server["url"], "prefix": PREFIX}})
     job = Job(config, sink)
     summary = {}
-    thread = threading.Thread(target=lambda: summary.update(job.run()))
+    thread = threading.Thread(target=lambda: summary.update(job.process()))
     thread.start()
     try:
         wait_for(lambda: ended(sink, "resumed"))
@@ -116,7 +116,7 @@ def start_file_job(video, source_id: str, redis_server, redis_client, tiny_model
         "redis": {"url": redis_server["url"], "prefix": PREFIX}})
     job = Job(config, sink)
     summary = {}
-    thread = threading.Thread(target=lambda: summary.update(job.run()))
+    thread = threading.Thread(target=lambda: summary.update(job.process()))
     thread.start()
     wait_for(lambda: sink.client.xlen(sink.frames_key(source_id)) >= 8)
     return config, sink, job, thread, summary
@@ -131,7 +131,7 @@ def test_stop_mid_run_flushes_in_order_and_the_next_run_resumes(tmp_path, redis_
     assert not thread.is_alive() and summary["interrupted"]["status"] == "stopped"
     first = [r["frame_index"] for t, r in stream(sink, "interrupted")]
     assert first == list(range(len(first))) and len(first) < 150  # a prefix, no eos
-    assert Job(config, sink).run()["interrupted"]["status"] == "eos"
+    assert Job(config, sink).process()["interrupted"]["status"] == "eos"
     entries = stream(sink, "interrupted")
     assert [r["frame_index"] for t, r in entries if t == "frame"] == list(range(150)) and entries[-1][0] == "eos"
 

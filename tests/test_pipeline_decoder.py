@@ -12,7 +12,8 @@ from helpers import encode_video, free_port
 from model.image_size import get_resize_output_size
 from model.yuv import yuv420_to_rgb
 from pipeline.config import DecoderConfig, SourceConfig
-from pipeline.decoder import FrameFormat, StreamDecoder
+from pipeline.decoder import StreamDecoder
+from pipeline.frames import FrameFormat
 from pipeline.worker import to_rgb
 
 SIZE = {"shortest_edge": 32, "longest_edge": 48}

@@ -13,6 +13,7 @@ from pipeline.runner import run_job
 from pipeline.schema import FrameResult
 from pipeline.sink import RedisSink
 from pipeline.subscriber import Subscriber
+from pipeline.wire import events_key, frames_key
 
 PREFIX = "e2e"
 GOOD = ("cam-a", "cam-b", "cam-http")
@@ -45,7 +46,7 @@ def run(tmp_path_factory, redis_server, ray_session, tiny_model, http_server):
 
 
 def entries(client, source_id):
-    return client.xrange(f"{PREFIX}:frames:{source_id}")
+    return client.xrange(frames_key(PREFIX, source_id))
 
 
 @pytest.mark.parametrize("source_id", GOOD)
@@ -83,7 +84,7 @@ def test_frame_results_have_the_documented_fields(run, redis_client, source_id):
 
 
 def test_bad_sources_give_error_events_while_the_others_finish(run, redis_client):
-    events = [json.loads(fields["json"]) for _, fields in redis_client.xrange(f"{PREFIX}:events")]
+    events = [json.loads(fields["json"]) for _, fields in redis_client.xrange(events_key(PREFIX))]
     for source_id in BAD:
         errors = [e for e in events if e["source_id"] == source_id and e["type"] == "error"]
         assert len(errors) == 1 and errors[0]["message"], source_id
@@ -100,7 +101,7 @@ def test_bad_sources_give_error_events_while_the_others_finish(run, redis_client
 def test_redis_cli_reads_the_entries(run, redis_server):
     """A non-Python reader: the entries are plain fields with JSON text."""
     out = subprocess.run(["redis-cli", "-p", str(redis_server["port"]), "--raw", "XRANGE",
-                          f"{PREFIX}:frames:cam-a", "-", "+", "COUNT", "2"],
+                          frames_key(PREFIX, "cam-a"), "-", "+", "COUNT", "2"],
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0] == "1-0" and out[1:3] == ["type", "frame"] and out[3] == "json"
     first = json.loads(out[4])
@@ -114,7 +115,7 @@ def test_plain_subscriber_reads_all_frames_and_stops_at_eos(run, redis_client):
 
 
 def test_consumer_group_resumes_after_restart_without_loss(run, redis_client):
-    key, n = f"{PREFIX}:frames:cam-b", run["frames"]["cam-b"]
+    key, n = frames_key(PREFIX, "cam-b"), run["frames"]["cam-b"]
     first = []
     for result in Subscriber(redis_client, "cam-b", PREFIX, group="g1", consumer="c1"):
         first.append(result.frame_index)
@@ -137,19 +138,19 @@ def test_another_consumer_reclaims_stale_pending_entries(run, redis_client):
     rest = [r.frame_index for r in Subscriber(redis_client, "cam-http", PREFIX, group="g2", consumer="alive",
                                               claim_idle_ms=0)]
     assert rest == list(range(2, n))  # frame 2 claimed from "dead" (XAUTOCLAIM), then the new ones
-    consumers = {c["name"]: c["pending"] for c in redis_client.xinfo_consumers(f"{PREFIX}:frames:cam-http", "g2")}
+    consumers = {c["name"]: c["pending"] for c in redis_client.xinfo_consumers(frames_key(PREFIX, "cam-http"), "g2")}
     assert consumers == {"dead": 0, "alive": 0}
 
 
 def test_subscriber_with_timeout_ends_on_an_unfinished_stream(redis_client):
-    redis_client.xadd(f"{PREFIX}:frames:open", {"type": "frame", "json": FrameResult(
+    redis_client.xadd(frames_key(PREFIX, "open"), {"type": "frame", "json": FrameResult(
         source_id="open", frame_index=0, pts=0.0, captured_at=0.0, width=2, height=2, model="m",
         detections=[]).model_dump_json()}, id="1-0")
     assert [r.frame_index for r in Subscriber(redis_client, "open", PREFIX, block_ms=100)] == [0]
     with pytest.raises(ValueError, match="both group and consumer"):
         Subscriber(redis_client, "open", PREFIX, group="g")
     with pytest.raises(redis.ResponseError):
-        redis_client.xadd(f"{PREFIX}:frames:open", {"type": "frame"}, id="1-0")  # explicit IDs never repeat
+        redis_client.xadd(frames_key(PREFIX, "open"), {"type": "frame"}, id="1-0")  # explicit IDs never repeat
 
 
 def test_render_draws_results_on_the_source_video(run, redis_client, tmp_path):

@@ -31,7 +31,7 @@ def events(sink: RedisSink, source_id: str) -> list[dict]:
 
 def start(job: Job) -> tuple[threading.Thread, dict]:
     summary: dict = {}
-    thread = threading.Thread(target=lambda: summary.update(job.run()), daemon=True)
+    thread = threading.Thread(target=lambda: summary.update(job.process()), daemon=True)
     thread.start()
     return thread, summary
 

@@ -16,6 +16,7 @@ from pipeline.runner import run_job
 from pipeline.schema import Detection, FrameResult
 from pipeline.sink import RedisSink
 from pipeline.sources import open_options, parse_source_url
+from pipeline.wire import events_key, frames_key
 
 PREFIX = "hostile"
 MAX_PIXELS = 100_000  # see `wide` below
@@ -96,12 +97,12 @@ def run(tmp_path_factory, redis_server, redis_client, ray_session, tiny_model, a
         "batching": {"max_batch_size": 4}, "decoder": {"num_cpus": 0.05, "max_pixels": MAX_PIXELS},
         "model": {"path": str(tiny_model)}, "redis": {"url": redis_server["url"], "prefix": PREFIX}})
     summary = run_job(config)
-    events = [json.loads(f["json"]) for _, f in redis_client.xrange(f"{PREFIX}:events")]
+    events = [json.loads(f["json"]) for _, f in redis_client.xrange(events_key(PREFIX))]
     return {"summary": summary, "events": events, "good_frames": count_frames(good)}
 
 
 def frames_of(client, source_id):
-    return [(f["type"], json.loads(f["json"])) for _, f in client.xrange(f"{PREFIX}:frames:{source_id}")]
+    return [(f["type"], json.loads(f["json"])) for _, f in client.xrange(frames_key(PREFIX, source_id))]
 
 
 def events_of(run, source_id):

@@ -9,7 +9,7 @@ from pycocotools import mask as coco_mask
 
 from helpers import detect_still
 from model import ConditionalDetrForSegmentation, ConditionalDetrImageProcessor
-from model.panoptic import rle_to_mask
+from model.coco_format import rle_to_mask
 from model.post_processing import post_process_detection_masks, post_process_object_detection
 from pipeline.cli import main
 from pipeline.config import ModelSettings, load_config

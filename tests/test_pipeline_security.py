@@ -24,6 +24,7 @@ from pipeline.schema import ControlMessage
 from pipeline.sink import RedisSink, connect
 from pipeline.sources import redact
 from pipeline.subscriber import Subscriber
+from pipeline.wire import events_key, frames_key
 
 PASSWORD = "pw-7f3a9c2e51d8"
 PREFIX = "sec"
@@ -76,7 +77,7 @@ def test_cdetr_run_over_tls_as_an_acl_user_never_shows_the_password(tmp_path, se
         assert done.returncode == 0, done.stderr[-3000:]
         client = connect(secure_redis["url"])
         assert [r.frame_index for r in Subscriber(client, "secure", PREFIX)] == list(range(12))
-        events = [f["json"] for _, f in client.xrange(f"{PREFIX}:events")]
+        events = [f["json"] for _, f in client.xrange(events_key(PREFIX))]
         assert events and PASSWORD not in " ".join(events)
         assert PASSWORD not in done.stdout + done.stderr
         logs = [p for p in ray_dir.rglob("*") if p.is_file() and not p.is_socket()]
@@ -101,7 +102,7 @@ def test_tls_and_acl_are_enforced(tmp_path, secure_redis):
         connect(f"redis://127.0.0.1:{port}/0")  # plain text on the TLS port: no answer
     client = connect(url)
     with pytest.raises(redis.exceptions.NoPermissionError):
-        client.xadd("elsewhere:events", {"type": "x"})  # the ACL keeps this user to `sec:*`
+        client.xadd(events_key("elsewhere"), {"type": "x"})  # the ACL keeps this user to `sec:*`
     with pytest.raises(redis.exceptions.NoPermissionError):
         client.config_set("appendonly", "no")  # -@dangerous
 
@@ -148,7 +149,7 @@ def test_config_values_from_the_environment_are_not_constructed(tmp_path):
 
 
 def test_a_hostile_redis_entry_is_only_parsed_as_json(redis_client):
-    redis_client.xadd("evil:frames:cam", {"type": "frame", "json": "cos\nsystem\n(S'true'\ntR."}, id="1-0")
+    redis_client.xadd(frames_key("evil", "cam"), {"type": "frame", "json": "cos\nsystem\n(S'true'\ntR."}, id="1-0")
     with pytest.raises(ValueError, match="Invalid JSON"):
         next(iter(Subscriber(redis_client, "cam", "evil")))
 

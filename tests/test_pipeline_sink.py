@@ -6,7 +6,8 @@ import pytest
 from helpers import free_port
 from pipeline.redis_server import start_redis_server
 from pipeline.schema import Event, FrameResult
-from pipeline.sink import RedisSink, connect, eos_entry_id, frame_entry_id, frame_index_of
+from pipeline.sink import RedisSink, connect
+from pipeline.wire import eos_entry_id, frame_entry_id, frame_index_of, frames_key
 
 
 def result(source_id: str, index: int) -> FrameResult:
@@ -73,7 +74,7 @@ def test_connect_with_a_password_in_the_url(tmp_path):
         connect(f"redis://127.0.0.1:{port}/0").config_set("requirepass", "s3cret")
         client = connect(f"redis://:s3cret@127.0.0.1:{port}/0")
         RedisSink(client, "auth").write_frames([result("cam", 0)])
-        assert client.xlen("auth:frames:cam") == 1
+        assert client.xlen(frames_key("auth", "cam")) == 1
         with pytest.raises(ConnectionError, match=r"redis://\*\*\*@127.0.0.1") as error:
             connect(f"redis://:wrong@127.0.0.1:{port}/0")
         assert "wrong" not in str(error.value)  # the password never appears in messages

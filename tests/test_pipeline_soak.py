@@ -59,7 +59,7 @@ def test_soak_eight_live_sources_hold_memory_and_keep_flowing(tmp_path, ray_sess
     sink = RedisSink.from_config(connect(url), config.redis)
     job = Job(config, sink)
     summary: dict = {}
-    thread = threading.Thread(target=lambda: summary.update(job.run()), daemon=True)
+    thread = threading.Thread(target=lambda: summary.update(job.process()), daemon=True)
     thread.start()
     try:
         wait_for(lambda: all(sink.client.exists(sink.frames_key(f"cam{i}")) for i in range(SOURCES)), 60,

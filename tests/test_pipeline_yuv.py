@@ -2,10 +2,11 @@
 worker converts and resizes them, and the bundled model finds what it finds in the default RGB frames."""
 import json
 
-from model.shapes import write_sample_video
+from model.training.shapes import write_sample_video
 from pipeline.config import PipelineConfig
 from pipeline.runner import run_job
 from pipeline.schema import FrameResult
+from pipeline.wire import frames_key
 
 
 def results(redis_server, redis_client, video, output: str) -> list[FrameResult]:
@@ -15,7 +16,7 @@ def results(redis_server, redis_client, video, output: str) -> list[FrameResult]
         "batching": {"max_batch_size": 4}, "redis": {"url": redis_server["url"], "prefix": prefix}})
     assert run_job(config)["cam"]["status"] == "eos"
     return [FrameResult.model_validate(json.loads(fields["json"]))
-            for _, fields in redis_client.xrange(f"{prefix}:frames:cam") if fields["type"] == "frame"]
+            for _, fields in redis_client.xrange(frames_key(prefix, "cam")) if fields["type"] == "frame"]
 
 
 def test_yuv420_frames_give_the_detections_of_rgb_frames(tmp_path, redis_server, redis_client, ray_session):

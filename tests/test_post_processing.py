@@ -16,7 +16,7 @@ from transformers.models.conditional_detr.image_processing_pil_conditional_detr 
 )
 
 from model import ConditionalDetrImageProcessor  # noqa: E402
-from model.panoptic import (  # noqa: E402
+from model.coco_format import (  # noqa: E402
     decode_id_png,
     mask_to_rle,
     panoptic_from_coco,
@@ -66,7 +66,8 @@ def test_object_detection_target_sizes_must_match_batch():
 # ------------------------------------------------------------------ segmentation on known outputs
 H, W, C = 20, 30, 4
 A = (slice(2, 8), slice(3, 12))      # query 0, class 1
-B = (slice(10, 18), slice(15, 28))   # query 1, class 3 = the last class (dropped by transformers, Q8)
+# query 1, class 3 = the last class (dropped by transformers: docs/reference-compatibility.md, Q8)
+B = (slice(10, 18), slice(15, 28))
 
 
 def region(*slices) -> torch.Tensor:
@@ -189,7 +190,7 @@ def test_semantic_segmentation_uses_all_classes():
     (semantic,) = processor.post_process_semantic_segmentation(known_outputs())
     expected = torch.zeros(H, W, dtype=torch.int64)
     expected[A] = 1
-    expected[B] = 3  # the last class survives (Q8)
+    expected[B] = 3  # the last class survives (docs/reference-compatibility.md, Q8)
     assert torch.equal(semantic, expected)
     (resized,) = processor.post_process_semantic_segmentation(known_outputs(), target_sizes=[(2 * H, 2 * W)])
     assert torch.equal(resized, expected.repeat_interleave(2, 0).repeat_interleave(2, 1))

@@ -53,7 +53,8 @@ def test_logits_and_masks_match_transformers(hf_model, full_output, batch):
     assert full_output.mask_query_indices is None
     torch.testing.assert_close(full_output.logits, reference.logits, atol=TOLERANCE, rtol=0)
     torch.testing.assert_close(full_output.pred_masks, reference.pred_masks, atol=TOLERANCE, rtol=0)
-    # Quirk Q3: transformers' segmentation boxes lack the reference-point offset, ours keep it ...
+    # docs/reference-compatibility.md, Q3: transformers' segmentation boxes lack the reference-point offset, ours
+    # keep it ...
     assert (full_output.pred_boxes - reference.pred_boxes).abs().max() > 1e-2
     # ... so they are those of transformers' detection model with the same detector weights.
     hf_detector = HFDetection(hf_model.config).eval()

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model import shapes, shapes_varied
-from model.panoptic import decode_id_png, rle_to_mask
+from model.coco_format import decode_id_png, rle_to_mask
+from model.training import shapes, shapes_varied
 
 SEEDS = range(24)
 

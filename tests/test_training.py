@@ -5,13 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import shapes
 from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig
-from model.datasets import Collator, CocoDetection, make_transforms
-from model.evaluate import evaluate
 from model.image_processor import ConditionalDetrImageProcessor
-from model.train import TRAIN_DEFAULTS, load_run_config, make_optimizer, make_processor, train
+from model.training import shapes
+from model.training.datasets import Collator, CocoDetection
+from model.training.evaluate import evaluate
+from model.training.train import TRAIN_DEFAULTS, load_run_config, make_optimizer, make_processor, train
+from model.training.transforms import make_transforms
 
 TINY = {"backbone": "resnet18", "frozen_batch_norm": False, "d_model": 32, "encoder_layers": 1,
         "decoder_layers": 2, "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 64,
@@ -96,7 +97,8 @@ def test_deadline_stops_and_saves(tiny_data, tmp_path):
 
 
 def test_bundled_run_config_is_valid():
-    model_config, options = load_run_config(Path(__file__).parents[1] / "model" / "configs" / "shapes-tiny.json")
+    configs = Path(__file__).parents[1] / "model" / "training" / "configs"
+    model_config, options = load_run_config(configs / "shapes-tiny.json")
     config = ConditionalDetrConfig(id2label=shapes.ID2LABEL, **model_config)
     assert config.num_labels == shapes.NUM_LABELS and not config.frozen_batch_norm
     assert set(options) == set(TRAIN_DEFAULTS)

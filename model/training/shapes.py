@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from model.panoptic import id_to_rgb, mask_to_rle, segment_bbox
+from model.coco_format import id_to_rgb, mask_to_rle, segment_bbox
 
 # Category ids start at 1 so that `num_labels = max id + 1` covers them with a sigmoid classifier; label 0 is an
 # unused "N/A" slot, the same convention as the COCO checkpoints (which have no "no-object" logit either).
@@ -240,8 +240,8 @@ def _size(size: int | tuple[int, int]) -> tuple[int, int]:
 
 def write_dataset(out_dir: str | Path, n_images: int, size: int | tuple[int, int] = 320, seed: int = 0,
                   max_objects: int = 6, workers: int = 1, varied: bool = False) -> Path:
-    """Write a COCO-format shapes dataset (`varied`: the training scenes of `model.shapes_varied`, with `size` their
-    shorter side and a random aspect ratio per image; otherwise `render_scene`'s look at `size`):
+    """Write a COCO-format shapes dataset (`varied`: the training scenes of `shapes_varied`, with `size` their shorter
+    side and a random aspect ratio per image; otherwise `render_scene`'s look at `size`):
 
     out_dir/images/NNNNNN.png, out_dir/annotations.json (detection, thing categories only, RLE segmentation),
     out_dir/panoptic/NNNNNN.png and out_dir/panoptic.json (panoptic, all categories). Image i is drawn from the
@@ -281,7 +281,7 @@ def _write_image(out_dir: Path, seed: int, image_id: int, width: int, height: in
     """Render image `image_id` of a dataset, save its PNGs; returns its COCO image, objects and panoptic records."""
     rng = np.random.default_rng([seed, image_id])
     if varied:
-        from model.shapes_varied import render_varied  # it builds on this module
+        from model.training.shapes_varied import render_varied  # it builds on this module
 
         image, truth = render_varied(rng, width, max_objects)
         height, width = image.shape[:2]
@@ -333,8 +333,8 @@ def write_sample_video(path: str | Path, seconds: float = 10.0, size: tuple[int,
 
 def video_to_dataset(videos: list[str | Path], out_dir: str | Path) -> Path:
     """Turn videos of `write_sample_video` and their `<video>.gt.json` into one COCO detection dataset (the layout
-    of `write_dataset`, without panoptic files) that `model.evaluate` reads: every decoded frame as a PNG, as the
-    pipeline's decoder sees it after H.264, with the frame's ground-truth boxes."""
+    of `write_dataset`, without panoptic files) that `evaluate` reads: every decoded frame as a PNG, as the pipeline's
+    decoder sees it after H.264, with the frame's ground-truth boxes."""
     import av
 
     out_dir = Path(out_dir)

@@ -1,4 +1,15 @@
-"""COCO annotations -> Conditional DETR training targets, and how resizing and padding change them.
+"""COCO annotations -> Conditional DETR targets (the one parser of COCO records, used by the image processor's
+`annotations=` and by the training datasets), and how resizing and padding change a target.
+
+The rule for which records become targets, the same as the original DETR datasets and `transformers`:
+- detection objects (`detection_objects`): crowd objects are dropped (a crowd is one region over many instances,
+  not an object to detect); boxes go from COCO xywh to xyxy clipped to the image; an object whose clipped box is
+  empty is dropped.
+- panoptic segments (`segment_masks`): every segment is a target, crowd ones included, with its `iscrowd` (a crowd
+  segment still tells which category its pixels are).
+The processor takes panoptic boxes from the masks (`masks_to_boxes`, last pixel index, for parity with
+`transformers`); the training datasets take them from the segment's COCO `bbox` (pixel edges, the convention of
+their detection boxes and of the evaluation).
 
 A target is a dict of tensors: `image_id` (1,), `class_labels` (N,), `boxes` (N,4) float32, `area` (N,), `iscrowd`
 (N,), `orig_size` (2,) and `size` (2,) as (height, width), and optionally `masks` (N,H,W) bool.
@@ -13,7 +24,7 @@ import torch
 from pycocotools import mask as coco_mask
 
 from model.box_ops import box_xywh_to_xyxy, box_xyxy_to_cxcywh, masks_to_boxes
-from model.panoptic import decode_id_png, rle_to_mask
+from model.coco_format import decode_id_png, rle_to_mask
 
 FORMATS = ("coco_detection", "coco_panoptic")
 
@@ -46,27 +57,38 @@ def segmentations_to_masks(segmentations: list, height: int, width: int) -> torc
     return torch.from_numpy(np.stack(masks))
 
 
-def prepare_detection_target(annotation: dict, height: int, width: int, return_masks: bool) -> dict:
-    """As DETR's `ConvertCocoPolysToMask`: drop crowd objects, xywh -> xyxy clipped to the image, drop empty boxes."""
-    objects = [obj for obj in annotation["annotations"] if obj.get("iscrowd", 0) == 0]
-    boxes = torch.tensor([obj["bbox"] for obj in objects], dtype=torch.float32).reshape(-1, 4)
-    boxes = box_xywh_to_xyxy(boxes)
+def detection_objects(objects: list[dict], height: int, width: int) -> tuple[list[dict], torch.Tensor]:
+    """The COCO detection objects that are targets (see the module docstring) and their boxes, absolute xyxy."""
+    objects = [obj for obj in objects if not obj.get("iscrowd", 0)]
+    boxes = box_xywh_to_xyxy(torch.tensor([obj["bbox"] for obj in objects], dtype=torch.float32).reshape(-1, 4))
     boxes[:, 0::2] = boxes[:, 0::2].clamp(min=0, max=width)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=height)
     keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
+    return [obj for obj, kept in zip(objects, keep.tolist()) if kept], boxes[keep]
+
+
+def segment_masks(ids: torch.Tensor, segments: list[dict]) -> torch.Tensor:
+    """(N,H,W) bool: the pixels of each COCO panoptic segment in an (H,W) id map; every segment is a target."""
+    segment_ids = torch.tensor([segment["id"] for segment in segments], dtype=torch.int64)
+    return ids[None] == segment_ids[:, None, None]
+
+
+def prepare_detection_target(annotation: dict, height: int, width: int, return_masks: bool) -> dict:
+    """A COCO detection annotation (`image_id` + `annotations` list) -> a target of its `detection_objects`."""
+    objects, boxes = detection_objects(annotation["annotations"], height, width)
     target = {
         "image_id": torch.tensor([annotation["image_id"]], dtype=torch.int64),
-        "class_labels": torch.tensor([obj["category_id"] for obj in objects], dtype=torch.int64)[keep],
-        "boxes": boxes[keep],
-        "area": torch.tensor([obj["area"] for obj in objects], dtype=torch.float32)[keep],
-        "iscrowd": torch.zeros(int(keep.sum()), dtype=torch.int64),
+        "class_labels": torch.tensor([obj["category_id"] for obj in objects], dtype=torch.int64),
+        "boxes": boxes,
+        "area": torch.tensor([obj["area"] for obj in objects], dtype=torch.float32),
+        "iscrowd": torch.zeros(len(objects), dtype=torch.int64),
         "orig_size": torch.tensor([height, width], dtype=torch.int64),
         "size": torch.tensor([height, width], dtype=torch.int64),
     }
     if return_masks:
         if any("segmentation" not in obj for obj in objects):
             raise ValueError("return_segmentation_masks=True needs a 'segmentation' in every annotation")
-        target["masks"] = segmentations_to_masks([obj["segmentation"] for obj in objects], height, width)[keep]
+        target["masks"] = segmentations_to_masks([obj["segmentation"] for obj in objects], height, width)
     return target
 
 
@@ -74,7 +96,7 @@ def prepare_panoptic_target(annotation: dict, height: int, width: int, masks_pat
                             return_masks: bool) -> dict:
     """A COCO panoptic annotation (PNG `masks_path/file_name` + `segments_info`) -> one mask per segment.
 
-    Boxes come from the masks (`masks_to_boxes`); crowd segments are kept, as in DETR's panoptic dataset.
+    Boxes come from the masks (`masks_to_boxes`), as in `transformers`.
     """
     if masks_path is None:
         raise ValueError("coco_panoptic annotations need masks_path, the folder holding the panoptic PNGs")
@@ -85,8 +107,7 @@ def prepare_panoptic_target(annotation: dict, height: int, width: int, masks_pat
     if tuple(ids.shape) != (height, width):
         raise ValueError(f"panoptic PNG {png_path} is {tuple(ids.shape)} but its image is {(height, width)}")
     segments = annotation["segments_info"]
-    segment_ids = torch.tensor([segment["id"] for segment in segments], dtype=torch.int64)
-    masks = ids[None] == segment_ids[:, None, None]
+    masks = segment_masks(ids, segments)
     target = {
         "image_id": torch.tensor([annotation["image_id"]], dtype=torch.int64),
         "class_labels": torch.tensor([segment["category_id"] for segment in segments], dtype=torch.int64),
@@ -139,7 +160,8 @@ def pad_masks(target: dict, padded_size: tuple[int, int]) -> dict:
 
     This follows the original DETR (detr#286): the model predicts boxes relative to the valid region given by the
     pixel mask, so the targets must be too. `transformers` instead re-normalizes boxes to the padded canvas and
-    sets `size` to it (quirk Q7), which makes a target depend on the other images in its batch.
+    sets `size` to it (docs/reference-compatibility.md, Q7), which makes a target depend on the other images in
+    its batch.
     """
     if "masks" not in target:
         return target

@@ -9,7 +9,7 @@ Follows the original Atten4Vis code (and Deformable DETR, whose loss Conditional
 - auxiliary losses: the same losses on every intermediate decoder output, each matched independently.
 
 Weights follow the ORIGINAL recipe: `loss_ce` gets `cls_loss_coefficient` (2). `transformers` ignores that config
-field and hard-codes 1 (quirk Q4); we honour it.
+field and hard-codes 1 (docs/reference-compatibility.md, Q4); we honour it.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from model.matcher import HungarianMatcher
+from model.training.matcher import HungarianMatcher
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, num_boxes: float, alpha: float = 0.25,

@@ -100,7 +100,7 @@ def optimize(model: nn.Module, options: InferenceOptions = InferenceOptions()) -
         torch._inductor.config.freezing = True
         # On CUDA, "reduce-overhead" also replays each shape's kernels as one CUDA graph (with `batch_size`, one
         # shape per frame size). Without a pixel_mask the whole detector is one graph (no host sync breaks it;
-        # tests/test_inference.py checks), so the transformer's many small kernels, which dominate at small
+        # tests/test_optimize.py checks), so the transformer's many small kernels, which dominate at small
         # batches on a GPU (bench/RESULTS.md 1b), are replayed too, not only the backbone's. A mask's host syncs
         # split the graph in three.
         mode = "reduce-overhead" if device_type == "cuda" else None

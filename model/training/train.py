@@ -2,15 +2,18 @@
 
 AdamW with a separate learning rate for the backbone, gradient clipping to a global L2 norm (0.1), a step decay of
 the learning rate (x0.1 at `lr_drop`), a checkpoint every epoch that `--resume` continues from, a tqdm progress bar
-and a JSON-lines metrics log. Runs on CPU or CUDA. A run is described by a JSON file (`model/configs/*.json`) with a
-"model" section (ConditionalDetrConfig fields) and a "train" section (defaults of the options below).
+and a JSON-lines metrics log. Runs on CPU or CUDA. A run is described by a JSON file (`configs/*.json` beside this
+module) with a "model" section (ConditionalDetrConfig fields) and a "train" section (defaults of the options below).
+A new model's labels (`id2label`) are the training set's categories (`datasets.label_map`) unless the "model"
+section gives them.
 
 Panoptic models follow DETR's two stages: `--panoptic` trains the detector on the panoptic targets (things and
 stuff segments as boxes); `--panoptic --detector DIR` then wraps that detector in `ConditionalDetrForSegmentation`,
 freezes it and trains the mask head on the same data.
 
 Output directory: `config.json` + `model.safetensors` + `preprocessor_config.json` (a loadable model, rewritten
-every epoch), `checkpoint.pth` (model, optimizer, scheduler, epoch; for resuming) and `log.jsonl`.
+every epoch), `checkpoint.pth` (model, optimizer, scheduler and epoch, for resuming; also the options, only as a
+record: a resumed run takes its options from its own command line) and `log.jsonl`.
 """
 from __future__ import annotations
 
@@ -26,11 +29,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model import shapes
 from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig
-from model.datasets import AspectGroupedBatches, Collator, CocoDetection, CocoPanoptic, make_transforms
 from model.image_processor import ConditionalDetrImageProcessor
+from model.training.datasets import AspectGroupedBatches, Collator, CocoDetection, CocoPanoptic, label_map
+from model.training.transforms import make_transforms
 
 TRAIN_DEFAULTS = {"epochs": 50, "batch_size": 8, "lr": 1e-4, "lr_backbone": 1e-5, "weight_decay": 1e-4,
                   "lr_drop": 40, "clip_max_norm": 0.1, "image_size": 800, "num_workers": 0, "seed": 42}
@@ -75,10 +78,12 @@ def set_train_mode(model: torch.nn.Module) -> None:
             module.eval()
 
 
-def build_model(model_config: dict, device: str, detector: str | Path | None = None) -> torch.nn.Module:
-    """A new detector from the config fields, or (stage 2) a segmentation model around a trained, frozen one."""
+def build_model(model_config: dict, id2label: dict[int, str], device: str,
+                detector: str | Path | None = None) -> torch.nn.Module:
+    """A new detector from the config fields (labelled `id2label` unless they say otherwise), or (stage 2) a
+    segmentation model around a trained, frozen one."""
     if detector is None:
-        config = ConditionalDetrConfig(**{"id2label": shapes.ID2LABEL, **model_config})
+        config = ConditionalDetrConfig(**{"id2label": id2label, **model_config})
         return ConditionalDetrForObjectDetection(config).to(device)
     from model.segmentation import ConditionalDetrForSegmentation
 
@@ -146,7 +151,7 @@ def train(model_config: dict, options: dict, train_data: str | Path, output_dir:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    model = build_model(model_config, device, detector)
+    model = build_model(model_config, label_map(train_data), device, detector)
     if init is not None:
         load_initial_weights(model, init)
     processor = make_processor(options["image_size"])
@@ -186,7 +191,7 @@ def train(model_config: dict, options: dict, train_data: str | Path, output_dir:
             model.save_pretrained(output_dir)
             processor.save_pretrained(output_dir)
             if val_data:
-                from model.evaluate import evaluate
+                from model.training.evaluate import evaluate
 
                 metrics = evaluate(model, processor, val_data, options["batch_size"], device)
                 metrics.get("panoptic", {}).pop("per_class", None)
@@ -201,7 +206,9 @@ def train(model_config: dict, options: dict, train_data: str | Path, output_dir:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(Path(__file__).parent / "configs" / "shapes-tiny.json"),
                         help="run config JSON with 'model' and 'train' sections")
-    parser.add_argument("--data", required=True, help="training set (COCO layout of model.shapes.write_dataset)")
+    parser.add_argument("--data", required=True, help="training set (COCO layout of "
+                                                      "model.training.shapes.write_dataset); its categories are "
+                                                      "the model's labels")
     parser.add_argument("--val-data", help="evaluate bbox AP on this set after every epoch")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--resume", help="checkpoint.pth to continue from")
@@ -230,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    main_parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.splitlines()[0])
+    main_parser = argparse.ArgumentParser(prog="python -m model.training.train",
+                                          description=__doc__.splitlines()[0])
     add_arguments(main_parser)
     raise SystemExit(run(main_parser.parse_args()))

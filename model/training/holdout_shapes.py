@@ -1,11 +1,11 @@
-"""A second, independent "shapes" renderer, used only to evaluate detectors trained on model/shapes.py's images.
+"""A second, independent "shapes" renderer, used only to evaluate detectors trained on shapes.py's images.
 
 A model scored on images from the renderer it was trained on can learn that renderer's quirks (its colours,
 its rasteriser's jagged edges, its size and placement rules) and look better than it is. This module draws the
 same label space (circle, square, triangle, star, hexagon, diamond) with code written from scratch, sharing
-nothing with model/shapes.py, model/panoptic.py or model/datasets.py (it imports none of them, and was written
-without reading them), so its images are a held-out domain: agreement between the two renderers is only the
-class definitions below.
+nothing with model/training/shapes.py, model/coco_format.py or model/training/datasets.py (it imports none of
+them, and was written without reading them), so its images are a held-out domain: agreement between the two
+renderers is only the class definitions below.
 
 How the images are made:
   * every shape is a signed distance function (negative inside): exact for the disc, and for the polygons the

@@ -22,7 +22,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from model.box_ops import box_iou, box_xywh_to_xyxy, box_xyxy_to_xywh
-from model.panoptic import decode_id_png, mask_to_rle
+from model.coco_format import decode_id_png, mask_to_rle
 
 COCO_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
               "AR_1", "AR_10", "AR_100", "AR_small", "AR_medium", "AR_large")
@@ -215,11 +215,14 @@ def evaluate(model, processor, data_dir: str | Path, batch_size: int = 8, device
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (config.json + model.safetensors)")
     parser.add_argument("--data", required=True, nargs="+",
-                        help="a COCO dataset directory (model.shapes.write_dataset, model.holdout_shapes), or videos "
-                             "of `cdetr sample-video` with their .gt.json beside them (every frame evaluated)")
+                        help="a COCO dataset directory (model.training.shapes.write_dataset, "
+                             "model.training.holdout_shapes), or videos of `cdetr sample-video` with their .gt.json "
+                             "beside them (every frame evaluated)")
     parser.add_argument("--panoptic", action="store_true",
                         help="the model is a ConditionalDetrForSegmentation: also report segm AP and PQ")
-    parser.add_argument("--threshold", type=float, default=0.5, help="score threshold of the panoptic output and of the matched boxes (median IoU, precision, recall)")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="score threshold of the panoptic output and of the matched boxes (median IoU, "
+                             "precision, recall)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--autocast", choices=["bfloat16", "float16"],
@@ -231,9 +234,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """`cdetr eval`: print the metrics as JSON."""
     from model import ConditionalDetrForSegmentation, ConditionalDetrImageProcessor
-    from model.inference import InferenceOptions, optimize
+    from model.optimize import InferenceOptions, optimize
     from model.segmentation import load_detector
-    from model.shapes import video_to_dataset
+    from model.training.shapes import video_to_dataset
 
     model = (ConditionalDetrForSegmentation.from_pretrained(args.model) if args.panoptic
              else load_detector(args.model)).to(args.device)
@@ -256,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    main_parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.splitlines()[0])
+    main_parser = argparse.ArgumentParser(prog="python -m model.training.evaluate",
+                                          description=__doc__.splitlines()[0])
     add_arguments(main_parser)
     raise SystemExit(run(main_parser.parse_args()))

@@ -1,4 +1,4 @@
-"""`model.inference.optimize`: every switch that is on by default gives the unoptimized model's outputs within 1e-4.
+"""`model.optimize.optimize`: every switch that is on by default gives the unoptimized model's outputs within 1e-4.
 
 The weights (randomized frozen batch-norm buffers, so a wrong fold shows) are saved by `transformers` and loaded
 into ours; the input is a padded batch of two sizes. `compile` and `dtype` (off by default) have their own tests
@@ -18,7 +18,7 @@ from hf_reference import SMALL, make_hf_detector, padded_batch, randomize_, save
 from model.backbone import ConvEncoder, FrozenBatchNorm2d
 from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig
-from model.inference import InferenceOptions, fold_batch_norm, frames_to_device, optimize
+from model.optimize import InferenceOptions, fold_batch_norm, frames_to_device, optimize
 from model.segmentation import ConditionalDetrForSegmentation
 
 TOLERANCE = 1e-4

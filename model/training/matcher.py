@@ -3,8 +3,8 @@
 The cost of assigning query i to object j is `class_cost * focal(i, j) + bbox_cost * L1(i, j) + giou_cost *
 (-GIoU(i, j))`. The class term is the focal-loss difference used by Deformable / Conditional DETR with a sigmoid
 classifier (no "no-object" logit): `alpha (1-p)^gamma (-log p) - (1-alpha) p^gamma (-log(1-p))` at the object's
-class. The original code and `transformers` hard-code alpha=0.25, gamma=2 here (quirk Q4); they are arguments
-with those defaults; the criterion passes the config's `focal_alpha`.
+class. The original code and `transformers` hard-code alpha=0.25, gamma=2 here (docs/reference-compatibility.md,
+Q4); they are arguments with those defaults; the criterion passes the config's `focal_alpha`.
 """
 from __future__ import annotations
 

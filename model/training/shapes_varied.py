@@ -1,4 +1,4 @@
-"""Training scenes that look like the pipeline's frames: the geometry of `model.shapes`, varied appearance.
+"""Training scenes that look like the pipeline's frames: the geometry of `shapes`, varied appearance.
 
 The first bundled model saw only 256x256 images of one look (flat saturated shapes on stuff bands) and learned
 shortcuts: a circle's box has equal *normalized* width and height, which is 1.8x too wide on a 16:9 frame
@@ -13,7 +13,7 @@ shortcuts: a circle's box has equal *normalized* width and height, which is 1.8x
   decoder's own resize path (the scene drawn 1.5-3x larger, then scaled down by swscale as `pipeline.decoder`
   does for `decoder.output: rgb`; the labels are drawn at the final size).
 
-The labels come from the same integer label map as `model.shapes.render`, so they stay exact.
+The labels come from the same integer label map as `shapes.render`, so they stay exact.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from model import shapes
+from model.training import shapes
 
 ASPECTS = ((16, 9), (4, 3), (9, 16), (1, 1))
 _BOX_AREA = (0.02, 0.40)  # fraction of the frame covered by an object's (unrotated) box, sampled log-uniformly
@@ -95,7 +95,7 @@ def _plain_background(rng: np.random.Generator, width: int, height: int) -> np.n
 
 
 def _stuff_background(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    """The labelled stuff bands of `model.shapes`, each class's colour jittered. (image float, stuff map)."""
+    """The labelled stuff bands of `shapes`, each class's colour jittered. (image float, stuff map)."""
     stuff_map = shapes.stuff_bands(rng, width, height)
     colours = {}
     for category_id, rgb in shapes.STUFF_COLOURS.items():
@@ -204,8 +204,8 @@ def swscale_resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def render_varied(rng: np.random.Generator, short_side: int, max_objects: int = 6) -> tuple[np.ndarray, dict]:
-    """One varied training scene (see the module docstring) with `model.shapes.render`'s ground truth; one in five
-    keeps the original look (`model.shapes.render_scene`) on the random canvas, so the old test set stays covered."""
+    """One varied training scene (see the module docstring) with `shapes.render`'s ground truth; one in five
+    keeps the original look (`shapes.render_scene`) on the random canvas, so the old test set stays covered."""
     width, height = canvas_size(rng, short_side)
     if rng.uniform() < 0.2:
         return shapes.render_scene(rng, width, height, max_objects)
