@@ -19,6 +19,7 @@ system-deps:
 		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server ffmpeg openssl; }
 
 test: $(STAMP) system-deps
+	$(BIN)/ruff check .
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q
 
 demo: $(STAMP) system-deps

@@ -1,4 +1,5 @@
-"""CPU per stream of one StreamDecoder on 1080p30 (or `--size 720p`) H.264: the sizing input for decoder nodes (deploy/README.md).
+"""CPU per stream of one StreamDecoder on 1080p30 (or `--size 720p`) H.264: the sizing input for decoder nodes
+(deploy/README.md).
 
 Compared in one run, on the same file:
   baseline        PyAV decoding the file with the decoder's threading and no conversion
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import av
 import numpy as np
-
 from machine import cpu_model
+
 from model.image_size import get_resize_output_size
 from pipeline.config import DecoderConfig, SourceConfig
 from pipeline.decoder import StreamDecoder

@@ -44,6 +44,7 @@ from transformers import ConditionalDetrImageProcessor as HFProcessor  # noqa: E
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_preprocess import HEIGHT, WIDTH, frames  # noqa: E402
 from machine import cpu_model  # noqa: E402
+
 from model.conditional_detr import ConditionalDetrForObjectDetection  # noqa: E402
 from model.image_processor import ConditionalDetrImageProcessor  # noqa: E402
 from model.optimize import InferenceOptions, frames_to_device, optimize  # noqa: E402

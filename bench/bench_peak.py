@@ -21,10 +21,10 @@ import platform
 import time
 
 import torch
+from machine import cpu_model
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from machine import cpu_model
 from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig
 from model.optimize import optimize

@@ -50,8 +50,9 @@ import av  # noqa: E402
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
-
 from machine import cpu_model  # noqa: E402
+
+from model.image_size import get_resize_output_size  # noqa: E402
 from model.training.random_model import save_random_tiny_model  # noqa: E402
 from model.training.shapes import write_sample_video  # noqa: E402
 from pipeline.config import DEFAULT_MODEL_PATH, ModelSettings, PipelineConfig  # noqa: E402
@@ -60,7 +61,6 @@ from pipeline.runner import Job  # noqa: E402
 from pipeline.schema import Detection, FrameResult, Stop  # noqa: E402
 from pipeline.sink import RedisSink, connect  # noqa: E402
 from pipeline.worker import Detector, load_model, load_processor  # noqa: E402
-from model.image_size import get_resize_output_size  # noqa: E402
 
 SIZE = (1280, 720)
 SOURCE_FPS = 30  # the sources' frame rate, a camera's
@@ -292,7 +292,8 @@ def main() -> None:
     parser.add_argument("--sources", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each 30 fps source video")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per pipeline worker (the naive loops: threads x workers)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per pipeline worker (the naive loops: threads x workers)")
     parser.add_argument("--workers", type=int, default=1, help="DetectorWorker actors (model replicas)")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per pipeline worker")
     parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="the pipeline's model.autocast")

@@ -22,8 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import av  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from machine import cpu_model  # noqa: E402
+
 from model.image_processor import ConditionalDetrImageProcessor, get_resize_output_size  # noqa: E402
 from model.yuv import yuv420_to_rgb  # noqa: E402
 

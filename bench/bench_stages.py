@@ -30,10 +30,10 @@ import time
 from typing import Callable
 
 import torch
+from bench_preprocess import HEIGHT, WIDTH, frames
+from machine import cpu_model
 from torch.utils.flop_counter import FlopCounterMode
 
-from machine import cpu_model
-from bench_preprocess import HEIGHT, WIDTH, frames
 from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig
 from model.image_processor import ConditionalDetrImageProcessor

@@ -17,8 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.conditional_detr import (ConditionalDetrForObjectDetection, ConditionalDetrObjectDetectionOutput,
-                                    ConditionalDetrPreTrainedModel)
+from model.conditional_detr import (
+    ConditionalDetrForObjectDetection,
+    ConditionalDetrObjectDetectionOutput,
+    ConditionalDetrPreTrainedModel,
+)
 from model.config import ConditionalDetrConfig
 
 

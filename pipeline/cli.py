@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    _log_to_stderr()
+    log_to_stderr()
     parser = argparse.ArgumentParser(prog="cdetr", description="Conditional DETR streaming video analytics")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-def _log_to_stderr() -> None:
+def log_to_stderr() -> None:
+    """Show INFO and above from `pipeline` and `model` on stderr (what `cdetr` and `make demo` print)."""
     handler = logging.StreamHandler(sys.stderr)  # the current stderr, which tests capture
     handler.setFormatter(logging.Formatter("cdetr: %(message)s"))
     for name in ("pipeline", "model"):

@@ -27,7 +27,7 @@ from collections import deque
 
 import av
 import numpy as np
-from av.video.reformatter import Colorspace, ColorRange
+from av.video.reformatter import ColorRange, Colorspace
 
 from model.image_size import get_resize_output_size
 from pipeline.config import DecoderConfig, SourceConfig

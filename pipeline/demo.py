@@ -6,15 +6,16 @@ randomly initialized tiny model and says so loudly: its detections are then mean
 import sys
 from pathlib import Path
 
+from model.segmentation import has_panoptic_head
 from model.training.random_model import save_random_tiny_model
 from model.training.shapes import write_sample_video
+from pipeline.cli import log_to_stderr
 from pipeline.config import DEFAULT_MODEL_PATH, PipelineConfig
 from pipeline.redis_server import resolve_redis_url
 from pipeline.render import render_video
 from pipeline.run_command import print_summary
 from pipeline.runner import run_job
 from pipeline.sink import RedisSink, connect
-from model.segmentation import has_panoptic_head
 
 OUT = Path("demo-out")
 SOURCE_ID = "demo-shapes"
@@ -32,6 +33,7 @@ def _model_path() -> Path:
 
 
 def main() -> int:
+    log_to_stderr()
     OUT.mkdir(exist_ok=True)
     video = write_sample_video(OUT / "shapes.mp4", seconds=4.0, size=(640, 360), seed=0)
     model_path = _model_path()

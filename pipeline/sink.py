@@ -26,8 +26,17 @@ import redis
 from pipeline.config import RedisConfig
 from pipeline.schema import Event, FrameResult
 from pipeline.sources import redact
-from pipeline.wire import (DEFAULT_PREFIX, JSON_FIELD, TYPE_FIELD, control_key, eos_entry_id, events_key,
-                           frame_entry_id, frame_index_of, frames_key)
+from pipeline.wire import (
+    DEFAULT_PREFIX,
+    JSON_FIELD,
+    TYPE_FIELD,
+    control_key,
+    eos_entry_id,
+    events_key,
+    frame_entry_id,
+    frame_index_of,
+    frames_key,
+)
 
 logger = logging.getLogger(__name__)
 _ID_TOO_SMALL = "equal or smaller"

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from model import ConditionalDetrForSegmentation, ConditionalDetrImageProcessor
-from model.image_size import get_resize_output_size
 from model.coco_format import panoptic_to_coco
+from model.image_size import get_resize_output_size
 from model.optimize import InferenceOptions, frames_to_device, optimize
 from model.post_processing import post_process_detection_masks
 from model.segmentation import has_panoptic_head, load_detector

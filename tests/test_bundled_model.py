@@ -15,9 +15,9 @@ import torch
 
 from model import ConditionalDetrForSegmentation, ConditionalDetrImageProcessor
 from model.optimize import InferenceOptions, optimize
+from model.segmentation import load_detector
 from model.training.evaluate import evaluate
 from model.training.holdout_shapes import write_holdout_dataset
-from model.segmentation import load_detector
 from model.training.shapes import video_to_dataset, write_dataset, write_sample_video
 from pipeline.config import DEFAULT_MODEL_PATH
 

@@ -7,10 +7,10 @@ import re
 
 import pytest
 import torch
+from hf_reference import make_hf_detector, padded_batch, save_hf_v4
 from safetensors.torch import load_file, save_file
 from transformers import ConditionalDetrConfig as HFConfig
 
-from hf_reference import make_hf_detector, padded_batch, save_hf_v4
 from model.checkpoint import detect_layout
 from model.conditional_detr import ConditionalDetrForObjectDetection, ConditionalDetrModel
 from model.config import ConditionalDetrConfig

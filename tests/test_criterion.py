@@ -24,7 +24,7 @@ def _focal(logit, target, alpha=0.25):
 def test_focal_loss_by_hand():
     logits = torch.tensor([[[2.0, -1.0], [0.5, 0.0]]])  # (1, 2 queries, 2 classes)
     targets = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
-    expected = sum(_focal(l, t) for l, t in zip([2.0, -1.0, 0.5, 0.0], [1, 0, 0, 0])) / 2  # mean over queries
+    expected = sum(_focal(x, t) for x, t in zip([2.0, -1.0, 0.5, 0.0], [1, 0, 0, 0])) / 2  # mean over queries
     assert sigmoid_focal_loss(logits, targets, num_boxes=1).item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -43,7 +43,7 @@ def test_detection_losses_by_hand():
     targets = [{"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
     total, terms = criterion({"logits": logits, "pred_boxes": boxes}, targets)
     # query 0 matches the object (same class, overlapping box)
-    ce = sum(_focal(l, t) for l, t in zip([3.0, -2.0, 0.0, -1.0, 1.0, -3.0], [1, 0, 0, 0, 0, 0])) / 2 * 2
+    ce = sum(_focal(x, t) for x, t in zip([3.0, -2.0, 0.0, -1.0, 1.0, -3.0], [1, 0, 0, 0, 0, 0])) / 2 * 2
     assert terms["loss_ce"].item() == pytest.approx(ce, rel=1e-6)
     assert terms["loss_bbox"].item() == pytest.approx(0.4, rel=1e-6)
     assert terms["loss_giou"].item() == pytest.approx(1 - 0.04 / 0.16, rel=1e-6)  # hull = target box

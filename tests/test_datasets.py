@@ -9,7 +9,7 @@ import torch
 from model.box_ops import box_cxcywh_to_xyxy
 from model.coco_format import rle_to_mask
 from model.training import shapes
-from model.training.datasets import AspectGroupedBatches, Collator, CocoDetection, CocoPanoptic, label_map
+from model.training.datasets import AspectGroupedBatches, CocoDetection, CocoPanoptic, Collator, label_map
 from model.training.train import make_processor
 from model.training.transforms import RandomHorizontalFlip, RandomResize, RandomSizeCrop, make_transforms
 

@@ -8,8 +8,14 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from model.training.holdout_shapes import (CATEGORIES, DEFAULT_SIZES, polygon_sdf, rasterize, unit_vertices,
-                                           write_holdout_dataset)
+from model.training.holdout_shapes import (
+    CATEGORIES,
+    DEFAULT_SIZES,
+    polygon_sdf,
+    rasterize,
+    unit_vertices,
+    write_holdout_dataset,
+)
 
 
 @pytest.fixture(scope="module")

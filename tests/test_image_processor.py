@@ -17,6 +17,7 @@ from transformers.models.conditional_detr.image_processing_pil_conditional_detr 
 )
 
 from model import ConditionalDetrFeatureExtractor, ConditionalDetrImageProcessor  # noqa: E402
+from model.coco_format import encode_id_png, mask_to_rle  # noqa: E402
 from model.image_processor import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -24,7 +25,6 @@ from model.image_processor import (  # noqa: E402
     rescale_and_normalize_,
     resize_frames,
 )
-from model.coco_format import encode_id_png, mask_to_rle  # noqa: E402
 
 SIZES = [(1280, 720), (640, 480), (2000, 300), (300, 2000), (320, 240)]  # (width, height)
 GREY_LEVEL = 1 / 255 / 0.224  # one uint8 step after normalization, for the smallest std

@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
+from hf_reference import HFDetection, make_hf_detector, padded_batch, save_hf_v4, save_hf_v5
 from safetensors import safe_open
 
-from hf_reference import HFDetection, make_hf_detector, padded_batch, save_hf_v4, save_hf_v5
 from model.conditional_detr import ConditionalDetrForObjectDetection, ConditionalDetrModel
 from model.config import ConditionalDetrConfig
 from model.position_encoding import PositionEmbeddingSine

@@ -11,10 +11,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+from hf_reference import SMALL, make_hf_detector, padded_batch, randomize_, save_hf_v4
 from transformers import ConditionalDetrConfig as HFConfig
 from transformers import ConditionalDetrForSegmentation as HFSegmentation
 
-from hf_reference import SMALL, make_hf_detector, padded_batch, randomize_, save_hf_v4
 from model.backbone import ConvEncoder, FrozenBatchNorm2d
 from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig

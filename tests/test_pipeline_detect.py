@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from helpers import TINY_MODEL_SIZE, detect_still
-from model.image_processor import get_resize_output_size
 from model.coco_format import decode_id_png
+from model.image_processor import get_resize_output_size
 from model.training.shapes import STUFF_IDS
 from pipeline.cli import main
 from pipeline.config import ModelSettings

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_reference import SMALL, padded_batch, randomize_, save_hf_v4, save_hf_v5
 from transformers import ConditionalDetrConfig as HFConfig
 from transformers import ConditionalDetrForObjectDetection as HFDetection
 from transformers import ConditionalDetrForSegmentation as HFSegmentation
 
-from hf_reference import SMALL, padded_batch, randomize_, save_hf_v4, save_hf_v5
 from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig
 from model.post_processing import post_process_panoptic_segmentation

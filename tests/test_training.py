@@ -9,7 +9,7 @@ from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig
 from model.image_processor import ConditionalDetrImageProcessor
 from model.training import shapes
-from model.training.datasets import Collator, CocoDetection
+from model.training.datasets import CocoDetection, Collator
 from model.training.evaluate import evaluate
 from model.training.train import TRAIN_DEFAULTS, load_run_config, make_optimizer, make_processor, train
 from model.training.transforms import make_transforms

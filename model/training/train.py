@@ -32,7 +32,7 @@ from tqdm import tqdm
 from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig
 from model.image_processor import ConditionalDetrImageProcessor
-from model.training.datasets import AspectGroupedBatches, Collator, CocoDetection, CocoPanoptic, label_map
+from model.training.datasets import AspectGroupedBatches, CocoDetection, CocoPanoptic, Collator, label_map
 from model.training.transforms import make_transforms
 
 TRAIN_DEFAULTS = {"epochs": 50, "batch_size": 8, "lr": 1e-4, "lr_backbone": 1e-5, "weight_decay": 1e-4,
