@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Mapping
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.redis_url import check_redis_url
 from pipeline.sources import parse_source_url, redact
 from pipeline.wire import DEFAULT_PREFIX
 
@@ -31,7 +32,8 @@ class _Section(BaseModel):
 
 class SourceConfig(_Section):
     id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="stream name: cdetr:frames:<id>")
-    url: str = Field(description="file path, file://, http(s)://, rtsp(s)://, udp:// or tcp:// (MPEG-TS)")
+    url: str = Field(description="file path, file://, http(s)://, rtsp(s)://, udp:// or tcp:// (MPEG-TS); user and "
+                     "password may be ${ENV_NAME}, set where the decoders run (docs/security.md)")
     fps: float | None = Field(None, gt=0, description="sample at most this many frames per second (None: all)")
     policy: Literal["block", "drop_oldest"] | None = Field(
         None, description="backpressure: block (default for files) or drop_oldest (default for live sources)")
@@ -145,7 +147,8 @@ class ModelSettings(_Section):
 
 
 class RedisConfig(_Section):
-    url: str | None = Field(None, description="redis:// or rediss:// URL (None: the embedded local default)")
+    url: str | None = Field(None, description="redis://, rediss://, unix:// or redis+sentinel:// URL "
+                            "(docs/wire-format.md, Connecting; None: the embedded local default)")
     prefix: str = Field(DEFAULT_PREFIX, pattern=r"^[A-Za-z0-9_.-]+$")
     maxlen: int = Field(100_000, ge=1, description="approximate retention per frames stream (MAXLEN ~)")
     max_result_bytes: int = Field(
@@ -156,9 +159,9 @@ class RedisConfig(_Section):
 
     @field_validator("url")
     @classmethod
-    def _redis_scheme(cls, url: str | None) -> str | None:
-        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+    def _redis_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            check_redis_url(url)
         return url
 
 

@@ -20,7 +20,12 @@ Hostile input: the header's frame size and codec are checked before anything is 
 `max_pixels`, `allowed_codecs`); a packet the decoder rejects (corrupt data mid-file) is skipped and reported as a
 `corrupt` event, and decoding goes on; a file that ends before the frame count its header states (truncated) is
 reported the same way.
+
+A source URL's password may be a `${NAME}` reference (docs/security.md): it is filled in from this process's
+environment right before each open, so the URL with the password never leaves the decoder, and every event
+built from a URL goes through `redact`.
 """
+import socket
 import threading
 import time
 from collections import deque
@@ -33,7 +38,7 @@ from model.image_size import get_resize_output_size
 from pipeline.config import DecoderConfig, SourceConfig
 from pipeline.frames import RGB, ChunkInfo, FrameFormat, FrameMeta
 from pipeline.schema import Event
-from pipeline.sources import open_options, parse_source_url, redact
+from pipeline.sources import MissingSecret, expand_secrets, open_options, parse_source_url, redact
 
 # A frame's colour matrix tag -> model/yuv.py's name; untagged video is BT.601, as swscale assumes.
 _MATRICES = {Colorspace.ITU709: "bt709", Colorspace.BT2020: "bt2020"}
@@ -105,7 +110,7 @@ class StreamDecoder:
         opened_before = False
         while not self._stop.is_set():
             try:
-                with av.open(self.url.target, options=open_options(self.url),
+                with av.open(self._target(), options=open_options(self.url),
                              timeout=(self.cfg.open_timeout_s, self.cfg.read_timeout_s)) as container:
                     if not container.streams.video:
                         raise RefusedError("no video stream in this input")
@@ -131,6 +136,13 @@ class StreamDecoder:
         with self._cond:
             self._done = True
             self._cond.notify_all()
+
+    def _target(self) -> str:
+        """What FFmpeg opens: the URL with its `${NAME}` references filled in from this node's environment."""
+        try:
+            return expand_secrets(self.url.target)
+        except MissingSecret as e:  # set on this node or not, it will not change while the process runs
+            raise RefusedError(f"{e} on the decoder's node ({socket.gethostname()})") from None
 
     def _check(self, stream) -> None:
         """Refuse, from the header alone, what we will not decode (raised before the first packet is read)."""

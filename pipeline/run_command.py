@@ -8,6 +8,7 @@ import redis
 
 from pipeline.config import ConfigError, load_config
 from pipeline.runner import run_job
+from pipeline.sources import redact
 from pipeline.worker import check_model_path
 
 
@@ -75,17 +76,19 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _default_ids(urls: list[str]) -> list[str]:
-    """`video.mp4` → `video`; sanitized to the id alphabet; numbered when two would collide."""
+    """`video.mp4` → `video`; sanitized to the id alphabet; numbered when two would collide. From the redacted
+    URL: the id is part of a Redis key, and `rtsp://admin:pw@cam` has no path to take it from."""
     ids = []
     for i, url in enumerate(urls):
-        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(url.rstrip("/")).stem)[:60] or f"source{i}"
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(redact(url).rstrip("/")).stem)[:60] or f"source{i}"
         ids.append(stem if stem not in ids else f"{stem}-{i}")
     return ids
 
 
 def print_summary(summary: dict[str, dict]) -> None:
-    print(f"{'source':<24} {'status':<8} {'frames':>7} {'fps':>7} {'p50 ms':>8} {'p95 ms':>8} {'dropped':>8}")
+    print(f"{'source':<24} {'status':<8} {'frames':>7} {'fps':>7} {'p50 ms':>8} {'p95 ms':>8} {'dropped':>8} "
+          f"{'lost':>6}")
     for source_id, s in summary.items():
-        cells = [s["frames"], s["fps"], s["p50_ms"], s["p95_ms"], s["dropped"]]
+        cells = [s["frames"], s["fps"], s["p50_ms"], s["p95_ms"], s["dropped"], s["lost"]]
         print(f"{source_id:<24} {s['status']:<8} " + " ".join(
-            f"{'-' if v is None else v:>{w}}" for v, w in zip(cells, (7, 7, 8, 8, 8))))
+            f"{'-' if v is None else v:>{w}}" for v, w in zip(cells, (7, 7, 8, 8, 8, 6))))

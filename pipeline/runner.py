@@ -14,6 +14,10 @@ pipeline/source_state.py; the decisions of what to read and which worker gets a 
   finishes early waits for the chunks before it.
 - Failures: a dead decoder is recreated where the frames read so far end; a batch that fails for good makes its
   source decode again from that batch's frames (`SourceState.rewind`).
+- Redis losing writes (restarted without persistence, an AOF that lost its last second, a failover, a stream
+  deleted): each write appends only where the stream still ends (pipeline/sink.py), so the loss shows at the
+  source's next write, and `SourceState.lost` repairs it: a file decodes the lost frames again, a live source goes
+  on after them; a `lost` event names them either way.
 - Control: `cdetr:control` is polled for add/remove/stop messages.
 Ctrl-C (or a `stop` message) stops reading, waits for the batches already running, writes them in order and ends;
 unfinished file sources then resume from the last written frame on the next run.
@@ -39,6 +43,8 @@ from pipeline.scheduling import free_worker, read_size
 from pipeline.schema import AddSource, ControlMessage, Event, FrameResult, RemoveSource, Stop
 from pipeline.sink import RedisSink, connect
 from pipeline.source_state import SourceState, resume_index
+from pipeline.sources import redact
+from pipeline.wire import JSON_FIELD
 from pipeline.worker import DetectorWorker, check_model_path, load_processor
 
 logger = logging.getLogger(__name__)
@@ -105,7 +111,7 @@ class Job:
         states = {**self.finished, **self.sources}
         return {source_id: {"status": state.status, **stats.get(source_id, {"frames": 0, "fps": None,
                                                                             "p50_ms": None, "p95_ms": None,
-                                                                            "dropped": 0})}
+                                                                            "dropped": 0, "lost": 0})}
                 for source_id, state in states.items()}
 
     def add_source(self, source: SourceConfig) -> None:
@@ -313,24 +319,62 @@ class Job:
     def _write_ready(self, source_ids: set[str]) -> None:
         """Write every source's completed chunks that have no unfinished chunk before them, in one round trip."""
         states = [self.sources[i] for i in source_ids if i in self.sources]
-        ready = [(state, state.take_ready()) for state in states]
-        results = [r for _, rs in ready for r in rs]
-        self.sink.write_frames(results)
-        self.metrics.written(results)
-        for state, rs in ready:
-            if rs:
-                self.metrics.queue_depth(state.config.id, state.in_flight)
-                if state.progress is not None:
-                    state.progress.update(len(rs))
+        ready = {state.config.id: state.take_ready() for state in states}
+        while ready := {i: results for i, results in ready.items() if results}:
+            lost = self.sink.write_frames([r for results in ready.values() for r in results],
+                                          after={i: self.sources[i].last_written for i in ready})
+            for i, results in ready.items():
+                if i not in lost:
+                    self._written(self.sources[i], results)
+            for i, stored in lost.items():
+                self._on_lost(self.sources[i], stored.last_frame_index)
+            # A live source's results go again, after where its stream ends now; a file's are decoded again.
+            ready = {i: ready[i] for i in lost if self.sources[i].config.live}
         for state in states:
             if state.finished:
                 self._end(state)
 
+    def _written(self, state: SourceState, results: list[FrameResult]) -> None:
+        state.written(results)
+        self.metrics.written(results)
+        self.metrics.queue_depth(state.config.id, state.in_flight)
+        if state.progress is not None:
+            state.progress.update(len(results))
+
+    def _on_lost(self, state: SourceState, tail: int | None) -> None:
+        """Redis lost the source's frames after `tail` (SourceState.lost): a file decodes them again, a live source
+        cannot; a `lost` event says which frames either way."""
+        loss = state.lost(tail)
+        for chunk in loss.dropped:
+            self.batchers[state.home].remove(chunk)
+        if loss.decode_again:
+            ray.kill(state.decoder)
+            state.restart(self._decoder(state.config, state.next_index, self.placement.strategy(state.config.id)),
+                          counted=False)
+        frames = self.metrics.lost(state.config.id, tail, for_good=not loss.decode_again)
+        if state.progress is not None:
+            state.progress.update(-frames)
+        then = ("decoding them again" if loss.decode_again else "a live source cannot send them again"
+                if state.config.live else "its stream ends there without eos, and a later run resumes it")
+        message = (f"Redis lost frames {loss.first_frame_index}-{loss.last_frame_index} (restarted without "
+                   f"persistence, failed over, or the stream was deleted); {then}")
+        logger.warning("%s: %s", state.config.id, message)
+        self.sink.event(Event(type="lost", source_id=state.config.id, message=message, details={
+            "first_frame_index": loss.first_frame_index, "last_frame_index": loss.last_frame_index,
+            "frames": frames, "rewritten": loss.decode_again}))
+
     def _end(self, state: SourceState) -> None:
-        """A finished source: its eos (if it gets one), and its decoder and home released."""
-        if state.end():
+        """A finished source: its eos (if it gets one), and its decoder and home released. When the eos write finds
+        frames lost, a file source decodes them again instead and ends later (`_on_lost`)."""
+        while state.gets_eos:
             frames = self.metrics.sources.get(state.config.id)
-            self.sink.write_eos(state.config.id, state.last_written, frames.frames if frames else 0)
+            stored = self.sink.write_eos(state.config.id, state.last_written, frames.frames if frames else 0)
+            if stored is None:
+                break
+            self._on_lost(state, stored.last_frame_index)
+            if not state.finished:
+                return
+        state.end()
         self.finished[state.config.id] = self.sources.pop(state.config.id)
         self.placement.release(state.config.id)
         self._release(state)  # a long-running job must not accumulate idle decoder actors
@@ -351,14 +395,14 @@ class Job:
         self._next_control_poll = now + _CONTROL_POLL_S
         for entry_id, fields in self.sink.read_control(self._control_cursor):
             self._control_cursor = entry_id
-            self._on_control(fields.get("json", ""))
+            self._on_control(fields.get(JSON_FIELD, ""))
 
     def _on_control(self, raw: str) -> None:
         try:
             message = ControlMessage.validate_json(raw)
         except ValidationError as e:
             self.sink.event(Event(type="error", message=f"invalid control message: {e.errors()[0]['msg']}",
-                                  details={"raw": raw[:1000]}))
+                                  details={"raw": redact(raw[:1000])}))
             return
         if isinstance(message, AddSource):
             self.add_source(message.source)

@@ -66,7 +66,7 @@ class FrameResult(BaseModel):
 
 class Event(BaseModel):
     v: Literal[1] = WIRE_VERSION
-    type: Literal["started", "reconnecting", "recovered", "error", "eos", "dropped", "corrupt"]
+    type: Literal["started", "reconnecting", "recovered", "error", "eos", "dropped", "corrupt", "lost"]
     source_id: str | None = None
     at: float = Field(default_factory=time.time, description="unix time of the event")
     message: str = ""

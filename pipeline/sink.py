@@ -1,16 +1,29 @@
 """Redis Streams writer: the producer side of the wire contract (docs/wire-format.md).
 
 Entry IDs are explicit (pipeline/wire.py): frame `i` of a source is written as `<i+1>-0`, its `eos` entry right
-after the last frame. IDs increase strictly with the frame index (frames are written in order), so a retried write
-is rejected by Redis ("equal or smaller than the target stream top item") instead of duplicating a frame; the sink
-then checks the entry exists and counts it as written. The same IDs let a restarted job resume a file after the
-last frame in Redis.
+after the last frame. IDs increase strictly with the frame index (frames are written in order), and the same IDs
+let a restarted job resume a file after the last frame in Redis.
+
+Every write is a compare-and-append: one Lua script (`_APPEND`, one round trip for every source of a batch) checks
+that each stream still ends where the writer left it before appending that source's entries, and otherwise writes
+nothing to it. "Where a stream ends" is its last-generated ID, the ID Redis refuses to go below (`0-0` for no
+stream), not its last entry: retention (`MAXLEN`, a consumer's XDEL or XTRIM) removes entries but keeps that ID,
+so it is never taken for a loss. A stream that ends *earlier* lost its last entries: an in-memory Redis restarted
+empty, an AOF with `appendfsync everysec` that lost its last second, a failover to a replica that lacked the last
+writes, or someone deleted the stream. The write then returns where the stream ends, and the job repairs it
+(pipeline/runner.py: a file decodes the lost frames again, a live source reports them in a `lost` event). So a
+loss is noticed at the source's next write, whenever it happened. A stream that ends anywhere else (after what we
+wrote) has another writer: an error. A write whose reply was lost and is then retried finds the stream already
+ending with its own last entry and counts as written, so a retry never duplicates a frame.
+The check costs one XINFO STREAM per stream and write inside the script: measured on loopback, 0.33 ms per write
+of 4 frames against 0.26-0.32 ms for the plain pipelined XADDs it replaced. The events and control streams keep
+the IDs Redis assigns from its clock, so after an empty restart new control messages still sort after the job's
+cursor and are obeyed; events Redis loses are not logged again.
 
 Every command is retried while Redis is unreachable (restarting, loading its AOF, network gone), with exponential
 backoff up to `Backoff.timeout_s`. The runner's loop waits meanwhile, and since everything upstream of the sink is
 bounded (frames in flight per source, batches per worker, decoder buffers), the wait turns into backpressure:
-file decoders block, live decoders drop their oldest frames and count them. Because entry IDs are explicit, a
-pipeline that was half applied before the connection broke is simply written again.
+file decoders block, live decoders drop their oldest frames and count them.
 
 A FrameResult whose JSON exceeds `max_result_bytes` (a panoptic PNG of a huge frame, say) is still written under
 its frame index, so the stream has no gap, but with empty `detections`, `panoptic` null and `error` saying why;
@@ -18,12 +31,14 @@ an `error` event names the frame.
 """
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import redis
 
 from pipeline.config import RedisConfig
+from pipeline.redis_url import client_for
 from pipeline.schema import Event, FrameResult
 from pipeline.sources import redact
 from pipeline.wire import (
@@ -39,8 +54,33 @@ from pipeline.wire import (
 )
 
 logger = logging.getLogger(__name__)
-_ID_TOO_SMALL = "equal or smaller"
 T = TypeVar("T")
+NO_ENTRY = "0-0"  # where a stream with no entry ever ends (or none at all)
+
+# KEYS: frames streams. ARGV[1]: MAXLEN (approximate); ARGV[2], ARGV[3]: the entries' two field names; then per
+# stream: the ID it should end with, the number n of its new entries, and n (ID, type, json) triples. Appends a
+# stream's entries only if it ends where it should; returns where each stream ended before.
+_APPEND = """
+local ends, a = {}, 4
+for k, key in ipairs(KEYS) do
+  local last = '0-0'
+  if redis.call('EXISTS', key) == 1 then
+    local info = redis.call('XINFO', 'STREAM', key)
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then last = info[i + 1] end
+    end
+  end
+  local n = tonumber(ARGV[a + 1])
+  if last == ARGV[a] then
+    for i = a + 2, a + 3 * n - 1, 3 do
+      redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], ARGV[i], ARGV[2], ARGV[i + 1], ARGV[3], ARGV[i + 2])
+    end
+  end
+  ends[k] = last
+  a = a + 2 + 3 * n
+end
+return ends
+"""
 
 
 @dataclass(frozen=True)
@@ -55,6 +95,23 @@ class StreamState:
     last_frame_index: int | None  # None: no frame written yet
     finished: bool  # the stream ends with an eos entry
 
+    @classmethod
+    def ending_at(cls, entry_id: str) -> "StreamState":
+        """The state of a stream whose last-generated ID is `entry_id`."""
+        index = frame_index_of(entry_id)
+        # The eos entry shares the ms part of the last frame, but its ms part 0 means "no frames at all".
+        return cls(None if index < 0 else index, _order(entry_id)[1] == 1)
+
+
+def _order(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
+
+
+def _end_id(last_frame_index: int | None) -> str:
+    """Where a stream ends after frame `last_frame_index` (None: no frame)."""
+    return NO_ENTRY if last_frame_index is None else frame_entry_id(last_frame_index)
+
 
 class RedisSink:
     def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX, maxlen: int = 100_000,
@@ -65,6 +122,7 @@ class RedisSink:
         self.max_result_bytes = max_result_bytes
         self.backoff = backoff
         self.outages: list[float] = []  # seconds Redis was unreachable, per outage (the faults test reads them)
+        self._append_script = client.register_script(_APPEND)
 
     @classmethod
     def from_config(cls, client: redis.Redis, cfg: RedisConfig) -> "RedisSink":
@@ -83,33 +141,43 @@ class RedisSink:
         return control_key(self.prefix)
 
     def state(self, source_id: str) -> StreamState:
-        """Where a source's stream stands, read from its last entry (the resume point)."""
-        last = self._retrying(lambda: self.client.xrevrange(self.frames_key(source_id), count=1))
-        if not last:
-            return StreamState(None, False)
-        entry_id, fields = last[0]
-        finished = fields.get(TYPE_FIELD) == "eos"
-        index = frame_index_of(entry_id)
-        # The eos entry shares the ms part of the last frame, but its ms part 0 means "no frames at all".
-        return StreamState(None if index < 0 else index, finished)
+        """Where a source's stream stands (the resume point), from where it ends: entries removed by retention do
+        not move it back."""
+        key = self.frames_key(source_id)
+        return StreamState.ending_at(self._retrying(lambda: self._append({key: (NO_ENTRY, [])}))[key])
 
-    def write_frames(self, results: list[FrameResult]) -> None:
-        """XADD each result with its explicit ID in one pipeline round trip; duplicates count as written."""
+    def write_frames(self, results: list[FrameResult],
+                     after: Mapping[str, int | None] | None = None) -> dict[str, StreamState]:
+        """Append each source's results (in frame order) to its stream, in one round trip, if the stream still ends
+        after frame `after[source_id]` (None: no frame), the last one the caller wrote. Returns the sources whose
+        stream ends earlier (Redis lost its last entries; nothing of theirs was written) and where it ends.
+        Without `after` (a one-off writer), each stream is expected to end where it ends now."""
         if not results:
-            return
-        payloads = [self._payload(r) for r in results]
+            return {}
+        payloads: dict[str, list[tuple[str, str, str]]] = {}
+        for r in results:
+            payloads.setdefault(self.frames_key(r.source_id), []).append(
+                (frame_entry_id(r.frame_index), "frame", self._payload(r)))
+        source_ids = {self.frames_key(r.source_id): r.source_id for r in results}
+        if after is None:
+            ends = self._retrying(lambda: self._append({key: (NO_ENTRY, []) for key in payloads}))
+        else:
+            ends = {key: _end_id(after[source_ids[key]]) for key in payloads}
+        refused = self._checked_append({key: (ends[key], entries) for key, entries in payloads.items()})
+        return {source_ids[key]: state for key, state in refused.items()}
 
-        def write() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            for r, payload in zip(results, payloads):
-                pipe.xadd(self.frames_key(r.source_id), {TYPE_FIELD: "frame", JSON_FIELD: payload},
-                          id=frame_entry_id(r.frame_index), maxlen=self.maxlen, approximate=True)
-            replies = pipe.execute(raise_on_error=False)
-            for r, reply in zip(results, replies):
-                if isinstance(reply, Exception):
-                    self._check_duplicate(reply, self.frames_key(r.source_id), frame_entry_id(r.frame_index))
-
-        self._retrying(write)
+    def write_eos(self, source_id: str, last_frame_index: int | None, frames: int) -> StreamState | None:
+        """Append the `eos` entry after frame `last_frame_index` (None: no frame), if the stream still ends there;
+        then log the event. Returns None, or where the stream ends when it ends earlier (nothing written)."""
+        key = self.frames_key(source_id)
+        payload = Event(type="eos", source_id=source_id, details={"frames": frames,
+                                                                  "last_frame_index": last_frame_index})
+        entry = (eos_entry_id(last_frame_index), "eos", payload.model_dump_json())
+        refused = self._checked_append({key: (_end_id(last_frame_index), [entry])})
+        if refused:
+            return refused[key]
+        self.event(payload)
+        return None
 
     def _payload(self, result: FrameResult) -> str:
         """The entry's JSON; an oversized result is replaced by the frame without its detections (see above)."""
@@ -121,21 +189,6 @@ class RedisSink:
         self.event(Event(type="error", source_id=result.source_id, message=message,
                          details={"frame_index": result.frame_index, "bytes": len(payload)}))
         return result.model_copy(update={"detections": [], "panoptic": None, "error": message}).model_dump_json()
-
-    def write_eos(self, source_id: str, last_frame_index: int | None, frames: int) -> None:
-        entry_id = eos_entry_id(last_frame_index)
-        payload = Event(type="eos", source_id=source_id, details={"frames": frames,
-                                                                  "last_frame_index": last_frame_index})
-
-        def write() -> None:
-            try:
-                self.client.xadd(self.frames_key(source_id), {TYPE_FIELD: "eos", JSON_FIELD: payload.model_dump_json()},
-                                 id=entry_id, maxlen=self.maxlen, approximate=True)
-            except redis.ResponseError as e:
-                self._check_duplicate(e, self.frames_key(source_id), entry_id)
-
-        self._retrying(write)
-        self.event(payload)
 
     def event(self, event: Event) -> None:
         # Events are a log, not keyed by frame: server-assigned IDs are right here (a retry after a lost reply
@@ -178,18 +231,40 @@ class RedisSink:
                 logger.info("Redis reachable again after %.1f s", self.outages[-1])
             return result
 
-    def _check_duplicate(self, error: Exception, key: str, entry_id: str) -> None:
-        """A rejected explicit ID is fine only if that very entry is already there (a retried write)."""
-        if _ID_TOO_SMALL in str(error) and self.client.xrange(key, entry_id, entry_id):
-            return
-        raise RuntimeError(f"XADD {key} {entry_id} failed: {error}") from error
+    def _checked_append(self, streams: dict[str, tuple[str, list[tuple[str, str, str]]]]) -> dict[str, StreamState]:
+        """Compare-and-append: `streams` maps each stream to the ID it should end with and its new (ID, type, json)
+        entries. Returns the streams that end earlier (see the module docstring) and where they end."""
+        for key, (end, entries) in streams.items():
+            ids = [end, *(entry_id for entry_id, _, _ in entries)]
+            if any(_order(a) >= _order(b) for a, b in zip(ids, ids[1:])):
+                raise ValueError(f"{key}: entries {ids[1:]} do not follow {end} in order")
+        found = self._retrying(lambda: self._append(streams))
+        refused = {}
+        for key, (end, entries) in streams.items():
+            if found[key] == end or (entries and found[key] == entries[-1][0]):
+                continue  # written now, or by an earlier try whose reply was lost
+            if _order(found[key]) > _order(end):
+                raise RuntimeError(f"{key} ends at {found[key]}, after {end} where this job left it: does another "
+                                   f"job write this stream?")
+            logger.warning("%s ends at %s, not at %s where this job left it: Redis lost its last entries", key,
+                           found[key], end)
+            refused[key] = StreamState.ending_at(found[key])
+        return refused
+
+    def _append(self, streams: dict[str, tuple[str, list[tuple[str, str, str]]]]) -> dict[str, str]:
+        """One run of `_APPEND`: where each stream ended before (it appended only to those that ended as given)."""
+        args: list = [self.maxlen, TYPE_FIELD, JSON_FIELD]
+        for end, entries in streams.values():
+            args += [end, len(entries), *(value for entry in entries for value in entry)]
+        return dict(zip(streams, self._append_script(keys=list(streams), args=args)))
 
 
 def connect(url: str) -> redis.Redis:
-    """A client for `redis://` / `rediss://` (TLS) / `unix://` URLs; user and password come from the URL.
+    """A client for a Redis URL: one server, or the primary of a Sentinel deployment, followed through failovers
+    (`pipeline/redis_url.py`); user and password come from the URL.
 
     Replies are decoded to str: every field of the wire format is text (JSON)."""
-    client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5, health_check_interval=30)
+    client = client_for(url, decode_responses=True, socket_connect_timeout=5, health_check_interval=30)
     deadline = time.monotonic() + 5
     while True:  # a server that is still starting gets a few seconds
         try:

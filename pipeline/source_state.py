@@ -13,11 +13,19 @@ Invariants:
 - `in_flight`, the frames between decoding and Redis, is the sum of the pending chunks' sizes (derived, not kept).
 - Frames are written strictly in frame order, each once: only `take_ready` removes chunks for writing, and only
   the completed ones at the head of `pending`, so a chunk whose batch came back early waits for those before it
-  (the explicit Redis entry IDs need this order). `last_written` only grows.
+  (the explicit Redis entry IDs need this order).
+- `last_written` is where the source's stream in Redis ends, the last frame of the last write Redis accepted
+  (`written`); the sink appends only to a stream that still ends there. It only grows, except in `lost`.
 - `rewind(chunk)` (the chunk's batch failed for good) drops `chunk` and every later chunk and moves `next_index`
   back to `chunk`'s first frame, where the next decoder starts: exactly the dropped frames are decoded again.
   Results that still come back for a dropped chunk are ignored (`inferred`).
 - `fail` drops everything pending: what was written stays a prefix with no gap, and no eos follows it.
+- `lost(tail)` (Redis lost the frames after `tail`: restarted empty, an AOF that lost its last second, a failover,
+  the stream deleted) moves `last_written` back to `tail`. A live source goes on after it: the lost frames cannot
+  come back. A file source drops every pending chunk; if it is still running, `next_index` goes back to the frame
+  after `tail`, where a new decoder starts (`restart`), so exactly the lost and the dropped frames are decoded and
+  written again; otherwise (stopped, removed, in error) it reads no more, its stream ends at `tail` without eos,
+  and a later run resumes it there.
 - The source is `finished` when its decoder has reported its last frame, no read is outstanding and nothing is
   pending; only then does the job `end` it, which says whether its stream gets an eos entry.
 
@@ -27,6 +35,7 @@ Status, `running` at first:
     running -> removed               a `remove` message; ends with eos after the frames already decoded
     running | stopped | removed -> error   the decoder failed for good, or a batch did while nothing more is
                                      decoded (terminal)
+    removed -> stopped               Redis lost frames of a removed file source: no eos, a later run resumes it
 """
 from collections import deque
 from dataclasses import dataclass, field
@@ -40,7 +49,7 @@ Status = Literal["running", "stopped", "removed", "eos", "error"]
 _NEXT: dict[Status, set[Status]] = {  # the allowed status changes; staying is always allowed
     "running": {"stopped", "removed", "eos", "error"},
     "stopped": {"error"},
-    "removed": {"error"},
+    "removed": {"stopped", "error"},
     "eos": set(),
     "error": set(),
 }
@@ -49,6 +58,15 @@ _NEXT: dict[Status, set[Status]] = {  # the allowed status changes; staying is a
 def resume_index(last_written: int | None) -> int:
     """Where a source's decoding starts: after its last frame in Redis (a resumed run skips what is there)."""
     return 0 if last_written is None else last_written + 1
+
+
+@dataclass(frozen=True)
+class Loss:
+    """What `SourceState.lost` found and did."""
+    first_frame_index: int  # the first frame Redis lost (right after where its stream ends now)
+    last_frame_index: int  # the last frame written before
+    dropped: list[Chunk]  # pending chunks dropped (a file source's): their batches' results are ignored
+    decode_again: bool  # a file source still running: a new decoder goes on from `next_index` (`restart`)
 
 
 @dataclass
@@ -129,13 +147,16 @@ class SourceState:
 
     def take_ready(self) -> list[FrameResult]:
         """Remove the completed chunks at the head of `pending` and return their results, in frame order, for the
-        job to write now."""
+        job to write now (after `last_written`)."""
         results: list[FrameResult] = []
         while self.pending and self.pending[0].results is not None:
             results.extend(self.pending.popleft().results)
+        return results
+
+    def written(self, results: list[FrameResult]) -> None:
+        """Redis accepted the write of `results` (what `take_ready` returned)."""
         if results:
             self.last_written = results[-1].frame_index
-        return results
 
     def rewind(self, chunk: Chunk) -> list[Chunk]:
         """`chunk`'s batch failed for good: drop it and every later chunk, and go back to its first frame (the job
@@ -146,6 +167,28 @@ class SourceState:
         self.read, self.decoded_all = None, False
         self.next_index = chunk.info.frames[0].frame_index
         return pending[kept:]
+
+    def lost(self, tail: int | None) -> Loss:
+        """Redis lost this source's frames after `tail` (None: all of them); see the module docstring. Returns which
+        frames, and what the job must do about them."""
+        if self.last_written is None or (tail is not None and tail >= self.last_written):
+            raise ValueError(f"{self.config.id}: Redis cannot have lost frames after {tail}: {self.last_written} "
+                             f"is the last one written")
+        first, last = resume_index(tail), self.last_written
+        self.last_written = tail
+        if self.config.live:
+            return Loss(first, last, dropped=[], decode_again=False)
+        dropped = list(self.pending)
+        self.pending.clear()
+        self.read = None
+        decode_again = self.status == "running"
+        if decode_again:
+            self.next_index, self.decoded_all = resume_index(tail), False
+        else:
+            self.decoded_all = True
+            if self.status == "removed":
+                self._become("stopped")
+        return Loss(first, last, dropped, decode_again)
 
     # --- status ---
 
@@ -169,13 +212,18 @@ class SourceState:
         self.read, self.decoded_all = None, True
         return dropped
 
+    @property
+    def gets_eos(self) -> bool:
+        """Whether its stream ends with an eos entry once it has finished: it ran to its end, or was removed (what
+        was decoded is then all there is). A stopped source resumes later; one in error has a gap or a broken
+        input."""
+        return self.status in ("running", "removed")
+
     def end(self) -> bool:
-        """Its final status, once `finished`; returns whether its stream gets an eos entry: it ran to its end, or
-        was removed (what was decoded is then all there is). A stopped source resumes later; one in error has
-        a gap or a broken input."""
+        """Its final status, once `finished`; returns `gets_eos`."""
         if not self.finished:
             raise RuntimeError(f"{self.config.id}: ended before it finished")
-        eos = self.status in ("running", "removed")
+        eos = self.gets_eos
         if self.status == "running":
             self._become("eos")
         return eos

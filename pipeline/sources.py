@@ -2,18 +2,32 @@
 
 Only the schemes below reach FFmpeg. FFmpeg itself understands many more protocols (`concat:`, `subfile:`,
 `data:`, `pipe:` ...), some of which read arbitrary local files or run devices, so the allow-list is the guard.
+
+A network URL's user name and password may be `${NAME}` references to environment variables, which only the
+decoder fills in, when it opens the stream (`expand_secrets`): so no configuration, control message or event
+holds a camera's password (docs/security.md).
 """
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 # Files and HTTP(S) are finite: every frame is processed (`block` policy). RTSP and MPEG-TS over UDP/TCP are live:
 # the newest frame matters more than completeness (`drop_oldest`), and a lost connection is retried.
 FILE_SCHEMES = ("file", "http", "https")
 LIVE_SCHEMES = ("rtsp", "rtsps", "udp", "tcp")
 ALLOWED_SCHEMES = FILE_SCHEMES + LIVE_SCHEMES
-_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+# A URL's user info runs from `://` to the last `@` before the path, query or fragment, as FFmpeg splits it.
+_CREDENTIALS = re.compile(r"(?<=://)[^/?#\s\"']*@")
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_REFERENCE_RULE = ("a ${NAME} reference (NAME: letters, digits, _) may only stand for a network URL's user or "
+                   "password")
+
+
+class MissingSecret(LookupError):
+    """A `${NAME}` reference names an environment variable that is not set."""
 
 
 @dataclass(frozen=True)
@@ -34,14 +48,56 @@ def parse_source_url(url: str) -> SourceUrl:
     scheme = parts.scheme.lower()
     # A one-letter scheme is a Windows drive ("C:\\video.mp4"), not a protocol.
     if scheme == "" or len(scheme) == 1:
+        _check_references("", url)
         return SourceUrl("file", str(Path(url).expanduser()))
     if scheme not in ALLOWED_SCHEMES:
         raise ValueError(f"source URL scheme {scheme!r} is not allowed (allowed: {', '.join(ALLOWED_SCHEMES)})")
     if scheme == "file":
+        _check_references("", url)
         return SourceUrl("file", parts.path)
+    _check_references(*split_userinfo(url)[1:])
     if not parts.hostname:
-        raise ValueError(f"source URL {url!r} has no host")
+        raise ValueError(f"source URL {redact(url)!r} has no host")
     return SourceUrl(scheme, url)
+
+
+def split_userinfo(url: str) -> tuple[str, str, str]:
+    """`scheme://user:pass@host/path` -> (`scheme://`, `user:pass`, `@host/path`); the user info is "" when the
+    URL has none (or is no URL). The three parts always join back into `url`."""
+    head, separator, rest = url.partition("://")
+    if not separator:
+        return url, "", ""
+    authority = re.match(r"[^/?#]*", rest).group()
+    userinfo = authority.rpartition("@")[0]
+    return head + separator, userinfo, rest[len(userinfo):]
+
+
+def _check_references(userinfo: str, rest: str) -> None:
+    """References only in the user info, and only well-formed ones: a value never decides where we connect."""
+    if "${" in rest or "${" in _REFERENCE.sub("", userinfo):
+        raise ValueError(_REFERENCE_RULE)
+
+
+def expand_secrets(url: str, env: Mapping[str, str] | None = None) -> str:
+    """`url` with each `${NAME}` of its user info replaced by the environment variable NAME, percent-encoded so
+    that the value stays the user or password whatever characters it holds (FFmpeg decodes it). Only the decoder
+    calls this, as it opens the stream: the result never leaves that process."""
+    env = os.environ if env is None else env
+    head, userinfo, rest = split_userinfo(url)
+
+    def value(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in env:
+            raise MissingSecret(f"environment variable {name} (named in the source URL) is not set")
+        return quote(env[name], safe="")
+
+    return head + _REFERENCE.sub(value, userinfo) + rest
+
+
+def inline_password(url: str) -> bool:
+    """Whether `url` writes out a password, rather than none or only `${NAME}` references."""
+    password = split_userinfo(url)[1].partition(":")[2]
+    return bool(_REFERENCE.sub("", password))
 
 
 # The protocols FFmpeg may use for each scheme, nested opens included: an HTTP redirect to `file:///etc/passwd`,

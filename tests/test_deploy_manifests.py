@@ -1,9 +1,10 @@
 """The deployment files in deploy/: they parse and carry what an operator's path relies on. No cluster needed.
 
-Most checks are structural (required fields, resource names, bounds, secrets only by reference). Three use the
+Most checks are structural (required fields, resource names, bounds, secrets only by reference). Four use the
 real consumer: the cluster-launcher YAML goes through Ray's own config validation, the RayJob entrypoint through
-`cdetr run`'s argument parser and config model, and the Redis StatefulSet's start-up script and redis.conf run a
-real redis-server.
+`cdetr run`'s argument parser and config model, the Redis StatefulSet's start-up script and redis.conf run a
+real redis-server, and the Sentinel variant's scripts and config files run two data nodes and three sentinels
+through a failover.
 """
 import json
 import re
@@ -22,13 +23,16 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.redis_server import is_listening
+from pipeline.redis_url import parse_sentinel_url
+from pipeline.sink import connect
 from pipeline.wire import DEFAULT_PREFIX, frames_key
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-MANIFESTS = sorted((DEPLOY / "kuberay").glob("*.yaml")) + sorted((DEPLOY / "redis").glob("*.yaml"))
+MANIFESTS = [p for d in ("kuberay", "redis", "redis-sentinel") for p in sorted((DEPLOY / d).glob("*.yaml"))]
 RAYCLUSTER = DEPLOY / "kuberay" / "raycluster.yaml"
 RAYJOB = DEPLOY / "kuberay" / "rayjob.yaml"
 REDIS = DEPLOY / "redis" / "redis.yaml"
+SENTINEL = DEPLOY / "redis-sentinel" / "redis-sentinel.yaml"
 SECRET_EXAMPLE = DEPLOY / "redis" / "secret.example.yaml"
 LAUNCHER = DEPLOY / "cluster-launcher.yaml"
 DOCKERFILE = DEPLOY / "Dockerfile"
@@ -134,7 +138,7 @@ def test_secret_values_come_from_secret_refs(path):
 def test_no_credentials_in_any_deploy_file():
     for path in sorted(p for p in DEPLOY.rglob("*") if p.is_file()):
         text = path.read_text()
-        for user_info in re.findall(r"rediss?://([^@/\s]*)@", text):
+        for user_info in re.findall(r"rediss?(?:\+sentinel)?://([^@/\s]*)@", text):
             # Allowed: placeholders (REPLACE..., <password>) and shell variables ($PASSWORD).
             assert any(mark in user_info for mark in (PLACEHOLDER, "<", "$")), \
                 f"{path.name}: Redis URL with a literal password: {user_info!r}"
@@ -304,6 +308,148 @@ def test_redis_config_persists_and_requires_the_secret_password(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+# --- Redis with Sentinel ---
+
+SENTINEL_URL = re.compile(r"redis\+sentinel://:<password>@\S+")  # the one the Secret gets
+POD_DNS_NAME = re.compile(r"cdetr-redis-(?:node|sentinel)-\d+\.cdetr-redis-(?:node|sentinel)")
+PASSWORD = "0123456789abcdef" * 4  # a generated hex password, as deploy/redis/secret.example.yaml says
+
+
+def test_sentinel_url_names_every_sentinel_and_the_monitored_service():
+    """The URL the manifest (and deploy/README.md) tells operators to put in the Secret is accepted by `cdetr run`'s
+    config, names every sentinel pod and the service the sentinels monitor; the quorum is a majority."""
+    url = SENTINEL_URL.search(SENTINEL.read_text()).group(0)
+    assert url in (DEPLOY / "README.md").read_text().replace("$PASSWORD", "<password>")
+    parsed = parse_sentinel_url(load_config(env={"CDETR_REDIS__URL": url.replace("<password>", "s")}).redis.url)
+    sentinels = _one(SENTINEL, "StatefulSet", "cdetr-redis-sentinel")["spec"]
+    assert parsed.sentinels == [(f"cdetr-redis-sentinel-{i}.{sentinels['serviceName']}", 26379)
+                                for i in range(sentinels["replicas"])]
+    service, quorum = re.search(r"^sentinel monitor (\S+) \S+ 6379 (\d+)$",
+                                _one(SENTINEL, "ConfigMap")["data"]["sentinel.conf"], re.MULTILINE).groups()
+    assert parsed.service == service and parsed.options["password"] == "s"
+    assert sentinels["replicas"] >= 3 and sentinels["replicas"] // 2 < int(quorum) <= sentinels["replicas"]
+    assert _one(SENTINEL, "PodDisruptionBudget")["spec"]["minAvailable"] >= int(quorum)
+    assert _one(SENTINEL, "StatefulSet", "cdetr-redis-node")["spec"]["replicas"] >= 2
+    for statefulset in (d for d in _docs(SENTINEL) if d["kind"] == "StatefulSet"):
+        # Pods find each other by these names while they start, before they are ready.
+        headless = _one(SENTINEL, "Service", statefulset["spec"]["serviceName"])["spec"]
+        assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is True
+
+
+def _start_pod(statefulset: str, ordinal: int, workdir: Path, addresses: dict[str, str], ports: dict[str, int]
+               ) -> subprocess.Popen:
+    """Run pod `ordinal` of a StatefulSet of redis-sentinel.yaml here: its container's own start-up script, env
+    and config files, with every pod DNS name replaced by a loopback address (`addresses`), ports 6379 and 26379
+    by free ones (`ports`), and each volume by a directory under `workdir` (kept across restarts, like a volume)."""
+    spec = _one(SENTINEL, "StatefulSet", statefulset)["spec"]
+    container = spec["template"]["spec"]["containers"][0]
+    pod = f"{statefulset}-{ordinal}"
+    address = addresses[f"{pod}.{spec['serviceName']}"]
+
+    def local(text: str) -> str:
+        text = re.sub(r"\b(2?6379)\b", lambda m: str(ports[m.group(1)]), text)
+        return POD_DNS_NAME.sub(lambda m: addresses[m.group(0)], text)
+
+    env = {"PATH": f"{Path(shutil.which('redis-server')).parent}:/usr/bin:/bin"}
+    for var in container["env"]:
+        source = var.get("valueFrom", {})
+        if "secretKeyRef" in source:
+            env[var["name"]] = PASSWORD
+        elif "fieldRef" in source:
+            assert source["fieldRef"]["fieldPath"] == "metadata.name"
+            env[var["name"]] = pod
+        else:  # Kubernetes expands $(VAR) in env values
+            env[var["name"]] = local(var["value"].replace("$(POD_NAME)", pod))
+    local_dir = {m["mountPath"]: workdir / pod / m["name"] for m in container["volumeMounts"]}
+    for directory in local_dir.values():
+        directory.mkdir(parents=True, exist_ok=True)
+    mount_path = re.compile("|".join(re.escape(m) for m in sorted(local_dir, key=len, reverse=True)))
+    config_dir = next(local_dir[m["mountPath"]] for m in container["volumeMounts"] if m["name"] == "config")
+    for name, text in _one(SENTINEL, "ConfigMap")["data"].items():
+        text = mount_path.sub(lambda m: str(local_dir[m.group(0)]), local(text))
+        text = re.sub(r"^bind .*$", f"bind {address}", text, flags=re.MULTILINE)
+        # A quicker failover than the manifest's 5 s, for the test's sake.
+        text = re.sub(r"down-after-milliseconds (\S+) \d+", r"down-after-milliseconds \1 1000", text)
+        (config_dir / name).write_text(text)
+    script = mount_path.sub(lambda m: str(local_dir[m.group(0)]), local(container["args"][0]))
+    return subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.DEVNULL,
+                            stderr=(workdir / f"{pod}.log").open("a"))
+
+
+def test_sentinel_manifests_fail_over_and_the_old_primary_rejoins_as_a_replica(tmp_path):
+    """Both StatefulSets' start-up scripts and config files, run with real redis-server processes: pod 0 starts as
+    the primary and pod 1 as its replica, the sentinels find both and each other; when pod 0 is killed they
+    promote pod 1 and the pipeline's URL follows; pod 0, started again, asks the sentinels and rejoins as a
+    replica of pod 1."""
+    names = [f"cdetr-redis-node-{i}.cdetr-redis-node" for i in range(2)] + \
+        [f"cdetr-redis-sentinel-{i}.cdetr-redis-sentinel" for i in range(3)]
+    addresses = {name: f"127.0.0.{10 + i}" for i, name in enumerate(names)}  # one loopback address per pod
+    ports = {"6379": _free_port(), "26379": _free_port()}
+    node_address = [addresses[n] for n in names[:2]]
+    pods = {("cdetr-redis-node", i): _start_pod("cdetr-redis-node", i, tmp_path, addresses, ports) for i in range(2)}
+    pods.update({("cdetr-redis-sentinel", i): _start_pod("cdetr-redis-sentinel", i, tmp_path, addresses, ports)
+                 for i in range(3)})
+    sentinels = [redis.Redis(addresses[n], ports["26379"], password=PASSWORD, decode_responses=True,
+                             socket_timeout=2) for n in names[2:]]
+
+    def primary() -> str | None:
+        answers = {tuple(s.sentinel_get_master_addr_by_name("cdetr") or ()) for s in sentinels}
+        return answers.pop()[0] if len(answers) == 1 else None  # only when every sentinel agrees
+
+    def node(i: int) -> redis.Redis:
+        return redis.Redis(node_address[i], ports["6379"], password=PASSWORD, decode_responses=True)
+
+    def ready() -> bool:
+        try:
+            return all(s.sentinel_master("cdetr")["num-other-sentinels"] == 2 and
+                       [r["master-link-status"] for r in s.sentinel_slaves("cdetr")] == ["ok"] for s in sentinels)
+        except redis.ConnectionError:
+            return False
+
+    def wait(condition, what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            dead = [pod for pod, process in pods.items() if process.poll() is not None]
+            assert not dead and time.monotonic() < deadline, f"waiting for {what}; dead: {dead}; logs in {tmp_path}"
+            time.sleep(0.2)
+
+    try:
+        wait(ready, "the sentinels to see the replica and each other")
+        assert primary() == node_address[0]
+        url = SENTINEL_URL.search(SENTINEL.read_text()).group(0).replace("<password>", PASSWORD)
+        client = connect(POD_DNS_NAME.sub(lambda m: addresses[m.group(0)], url).replace("26379", str(ports["26379"])))
+        key = frames_key(DEFAULT_PREFIX, "cam1")
+        client.xadd(key, {"type": "frame", "json": "{}"}, id="1-0")
+
+        pods.pop(("cdetr-redis-node", 0)).kill()
+        wait(lambda: primary() == node_address[1], "the sentinels to promote pod 1")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.xadd(key, {"type": "frame", "json": "{}"}, id="2-0")
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "the client did not follow the failover"
+                time.sleep(0.1)
+        assert node(1).info("replication")["role"] == "master"
+
+        pods["cdetr-redis-node", 0] = _start_pod("cdetr-redis-node", 0, tmp_path, addresses, ports)
+        wait(lambda: _replicates(node(0), node_address[1]), "pod 0 to rejoin as a replica of pod 1")
+        assert [entry_id for entry_id, _ in node(0).xrange(key)] == ["1-0", "2-0"]
+    finally:
+        for process in pods.values():
+            process.kill()
+            process.wait()
+
+
+def _replicates(client: redis.Redis, primary: str) -> bool:
+    try:
+        info = client.info("replication")
+    except redis.ConnectionError:
+        return False
+    return info["role"] == "slave" and info["master_host"] == primary and info["master_link_status"] == "up"
 
 
 # --- image and VM launcher ---

@@ -42,4 +42,4 @@ def test_cdetr_schema_prints_json_schema(capsys):
     assert main(["schema", "event"]) == 0
     event = json.loads(capsys.readouterr().out)
     assert event["properties"]["type"]["enum"] == ["started", "reconnecting", "recovered", "error", "eos", "dropped",
-                                                 "corrupt"]
+                                                 "corrupt", "lost"]

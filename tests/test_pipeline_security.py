@@ -141,6 +141,19 @@ def test_control_messages_are_json_and_schema_only(tmp_path, redis_client, ray_s
     assert not marker.exists() and not job.stopping and not job.sources
 
 
+def test_an_invalid_control_message_is_logged_without_its_password(redis_client, ray_session, tiny_model):
+    # Readers of the events stream may not read the control stream (docs/security.md): an invalid message quoted
+    # into an `error` event must not carry a camera password there.
+    raw = json.dumps({"op": "add", "source": {"id": "cam7", "url": "rtsp://admin:hunter2@10.0.0.7/s", "fps": -1}})
+    sink = RedisSink(redis_client, "hostile-control-password")
+    job = Job(PipelineConfig.model_validate({"model": {"path": str(tiny_model)}}), sink)
+    job._on_control(raw)
+    [(_, fields)] = redis_client.xrange(sink.events_key)
+    event = json.loads(fields["json"])
+    assert fields["type"] == "error" and "10.0.0.7" in event["details"]["raw"]
+    assert "hunter2" not in fields["json"]
+
+
 def test_config_values_from_the_environment_are_not_constructed(tmp_path):
     marker = tmp_path / "marker"
     with pytest.raises(ConfigError):

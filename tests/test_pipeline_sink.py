@@ -32,8 +32,9 @@ def test_entry_ids_follow_the_frame_index():
 
 
 def test_retried_writes_do_not_duplicate(sink):
-    sink.write_frames([result("cam", i) for i in range(5)])
-    sink.write_frames([result("cam", i) for i in range(2, 8)])  # a retry overlapping what is already there
+    sink.write_frames([result("cam", i) for i in range(8)], after={"cam": None})
+    # A retry after a lost reply: the stream already ends with the write's last entry.
+    assert sink.write_frames([result("cam", i) for i in range(8)], after={"cam": None}) == {}
     assert indices(sink, "cam") == list(range(8))
     sink.write_eos("cam", 7, frames=8)
     sink.write_eos("cam", 7, frames=8)  # retried eos
@@ -42,7 +43,7 @@ def test_retried_writes_do_not_duplicate(sink):
 
 def test_a_rejected_id_that_was_never_written_is_an_error(sink):
     sink.write_frames([result("cam", 0), result("cam", 2)])
-    with pytest.raises(RuntimeError, match="2-0 failed"):
+    with pytest.raises(ValueError, match="in order"):
         sink.write_frames([result("cam", 1)])  # out of order: frame 1 would be lost, so say so
 
 

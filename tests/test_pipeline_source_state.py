@@ -33,6 +33,13 @@ def indices(rs: list[FrameResult]) -> list[int]:
     return [r.frame_index for r in rs]
 
 
+def write(s: SourceState) -> list[int]:
+    """What the job does with the ready chunks when Redis accepts the write."""
+    rs = s.take_ready()
+    s.written(rs)
+    return indices(rs)
+
+
 def test_frames_are_written_in_frame_order_once_each():
     s = state(last_written=9)  # a resumed source: frames 0-9 are in Redis
     assert s.next_index == 10 and s.decoder_start == 10
@@ -43,7 +50,7 @@ def test_frames_are_written_in_frame_order_once_each():
     s.inferred(second, results(second))
     assert s.take_ready() == [] and s.in_flight == 6  # the later chunk waits for the earlier one
     s.inferred(first, results(first))
-    assert indices(s.take_ready()) == list(range(10, 16))
+    assert write(s) == list(range(10, 16))
     assert s.take_ready() == [] and s.in_flight == 0 and s.last_written == 15
 
 
@@ -107,7 +114,7 @@ def test_fail_drops_what_is_pending_and_ends_without_eos():
     read(s, first)
     read(s, second)
     s.inferred(first, results(first))
-    assert indices(s.take_ready()) == [0, 1]
+    assert write(s) == [0, 1]
     s.reading("read-refs")
     assert s.fail() == [second]
     assert s.finished and s.in_flight == 0 and s.status == "error"
@@ -140,3 +147,61 @@ def test_a_source_ends_only_once_finished_and_eos_is_terminal():
     assert s.end() and s.status == "eos"
     with pytest.raises(RuntimeError, match="eos cannot become error"):
         s.decoder_failed()
+
+
+def test_a_file_source_decodes_again_what_redis_lost():
+    s = state()
+    chunks = [chunk(0, 4), chunk(4, 4), chunk(8, 4)]
+    for c in chunks:
+        read(s, c)
+    for c in chunks[:2]:
+        s.inferred(c, results(c))
+    assert s.take_ready() and s.last_written is None  # taken, not yet written: Redis has not accepted it
+    s.written(results(chunks[1]))
+    s.reading("read-refs")
+    loss = s.lost(3)  # Redis kept frames 0-3 only (an AOF that lost its last second)
+    assert (loss.first_frame_index, loss.last_frame_index, loss.dropped, loss.decode_again) == (4, 7, chunks[2:], True)
+    assert s.last_written == 3 and s.next_index == 4 and s.in_flight == 0 and s.read is None and s.can_read
+    s.inferred(chunks[2], results(chunks[2]))  # a dropped chunk's batch comes back late: ignored
+    assert chunks[2].results is None
+    s.restart("decoder-2", counted=False)  # a new decoder from frame 4, not counted against max_restarts
+    assert (s.decoder_start, s.restarts) == (4, 0)
+    again = chunk(4, 8)
+    read(s, again, finished=True)
+    s.inferred(again, results(again))
+    assert write(s) == list(range(4, 12)) and s.end() and s.status == "eos"
+
+
+def test_a_live_source_goes_on_after_what_redis_lost():
+    s = SourceState(SourceConfig(id="a", url="udp://127.0.0.1:5000"), "decoder-1", "node", last_written=9)
+    first, second = chunk(10, 2), chunk(12, 2)
+    read(s, first)
+    read(s, second)
+    s.inferred(first, results(first))
+    assert write(s) == [10, 11]
+    loss = s.lost(None)  # restarted empty: everything is gone, and cannot be sent again
+    assert (loss.first_frame_index, loss.last_frame_index, loss.dropped, loss.decode_again) == (0, 11, [], False)
+    assert s.last_written is None and list(s.pending) == [second] and s.next_index == 14 and s.can_read
+
+
+@pytest.mark.parametrize("change", [SourceState.stop, SourceState.remove, SourceState.decoder_failed])
+def test_a_file_source_that_decodes_no_more_ends_where_redis_kept_it(change):
+    s = state()
+    first, second = chunk(0, 2), chunk(2, 2)
+    read(s, first)
+    read(s, second)
+    s.inferred(first, results(first))
+    write(s)
+    change(s)
+    loss = s.lost(None)
+    assert loss.dropped == [second] and not loss.decode_again and s.finished and s.last_written is None
+    # No eos: a later run resumes the source where Redis has it (a removed source becomes a stopped one).
+    assert s.end() is False and s.status == ("error" if change is SourceState.decoder_failed else "stopped")
+
+
+def test_redis_cannot_have_lost_what_was_not_written():
+    s = state(last_written=5)
+    with pytest.raises(ValueError, match="cannot have lost"):
+        s.lost(5)
+    with pytest.raises(ValueError, match="cannot have lost"):
+        state().lost(None)
