@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source_id", metavar="SOURCE_ID")
     parser.add_argument("out", type=Path, metavar="OUT.mp4")
     parser.add_argument("--video", help="the source video (default: the URL its `started` event recorded)")
-    parser.add_argument("--redis-url", help="redis:// or rediss:// URL (default: the local server)")
+    parser.add_argument("--redis-url", help="redis://, rediss:// or redis+sentinel:// URL (default: the local server)")
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="stream key prefix")
 
 

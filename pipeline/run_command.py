@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the detector as one graph (one CUDA graph on a GPU; batches padded to "
                         "the batch size: each frame size compiles once, at its first batch)")
-    parser.add_argument("--redis-url", help="redis:// or rediss:// URL (default: local, started if needed)")
+    parser.add_argument("--redis-url",
+                        help="redis://, rediss:// or redis+sentinel:// URL (default: local, started if needed)")
     parser.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
     parser.add_argument("--config", type=Path, help="YAML/JSON config file (see pipeline/config.py)")
     parser.add_argument("--fps", type=float, help="sample every source at most at this rate")

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source-id", required=True, metavar="ID", help="stream id: results go to <prefix>:frames:ID")
     parser.add_argument("--fps", type=float, help="sample the source at most at this rate")
     parser.add_argument("--policy", choices=("block", "drop_oldest"), help="backpressure (default: by source kind)")
-    parser.add_argument("--redis-url", help="the pipeline's redis:// or rediss:// URL (default: the local server)")
+    parser.add_argument("--redis-url",
+                        help="the pipeline's redis://, rediss:// or redis+sentinel:// URL (default: the local server)")
     parser.add_argument("--prefix", help=f"key prefix of the running pipeline (default: {DEFAULT_PREFIX})")
     parser.add_argument("--config", type=Path, help="the pipeline's YAML/JSON config file (for its redis section)")
     parser.add_argument("--allow-inline-password", action="store_true",

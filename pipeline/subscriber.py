@@ -107,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source_id", metavar="SOURCE_ID")
     parser.add_argument("--group", help="consumer group (at-least-once delivery with acks)")
     parser.add_argument("--consumer", help="consumer name within --group")
-    parser.add_argument("--redis-url", help="redis:// or rediss:// URL (default: the local server)")
+    parser.add_argument("--redis-url", help="redis://, rediss:// or redis+sentinel:// URL (default: the local server)")
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="stream key prefix")
 
 

@@ -1,6 +1,8 @@
 """Helpers the tests share (imported as `helpers`; fixtures stay in conftest.py): free loopback ports, PyAV-encoded
 test videos, polling with a deadline, `cdetr detect` on one still."""
 import socket
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -64,3 +66,34 @@ def count_frames(path: Path) -> int:
 
     with av.open(str(path)) as container:
         return sum(1 for _ in container.decode(video=0))
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_certificates(directory: Path, name: str) -> Path:
+    """A CA, and a server certificate for 127.0.0.1 signed by it; returns the CA certificate."""
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name} test CA",
+            "-keyout", f"{name}-ca.key", "-out", f"{name}-ca.crt", cwd=directory)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", f"{name}.key",
+            "-out", f"{name}.csr", cwd=directory)
+    (directory / "san.ext").write_text("subjectAltName = IP:127.0.0.1\n")
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{name}-ca.crt", "-CAkey", f"{name}-ca.key",
+            "-CAcreateserial", "-days", "1", "-extfile", "san.ext", "-out", f"{name}.crt", cwd=directory)
+    return directory / f"{name}-ca.crt"
+
+
+def run_in_thread(job) -> tuple[threading.Thread, dict]:
+    """Start `job.process()` in a daemon thread; the returned dict receives the job's summary when it ends."""
+    summary: dict = {}
+    thread = threading.Thread(target=lambda: summary.update(job.process()), daemon=True)
+    thread.start()
+    return thread, summary
+
+
+def stop_if_running(job, thread: threading.Thread, timeout: float = 60.0) -> None:
+    """After a failed assertion, stop a job that still runs and wait for it (a test's `finally`)."""
+    if thread.is_alive():
+        job.stop()
+        thread.join(timeout=timeout)

@@ -2,11 +2,10 @@
 `cdetr run` from the command line (all on the session's local Ray)."""
 import base64
 import json
-import threading
 
 import numpy as np
 
-from helpers import count_frames, encode_video, wait_for
+from helpers import count_frames, encode_video, run_in_thread, stop_if_running, wait_for
 from model.coco_format import decode_id_png
 from pipeline.cli import main
 from pipeline.config import PipelineConfig
@@ -42,9 +41,7 @@ def test_resume_and_control_stream(tmp_path, redis_server, redis_client, ray_ses
         "batching": {"max_batch_size": 4}, "decoder": {"num_cpus": 0.1},
         "model": {"path": str(tiny_model)}, "redis": {"url": redis_server["url"], "prefix": PREFIX}})
     job = Job(config, sink)
-    summary = {}
-    thread = threading.Thread(target=lambda: summary.update(job.process()))
-    thread.start()
+    thread, summary = run_in_thread(job)
     try:
         wait_for(lambda: ended(sink, "resumed"))
         entries = stream(sink, "resumed")
@@ -64,9 +61,7 @@ def test_resume_and_control_stream(tmp_path, redis_server, redis_client, ray_ses
         send(sink, {"op": "stop"})
         thread.join(timeout=60)
     finally:
-        if thread.is_alive():
-            job.stop()
-            thread.join(timeout=60)
+        stop_if_running(job, thread)
     assert not thread.is_alive()
     # The removed source ends with eos after a contiguous run of frames (whatever it had decoded).
     removed = stream(sink, "long")
@@ -115,9 +110,7 @@ def start_file_job(video, source_id: str, redis_server, redis_client, tiny_model
         "decoder": {"num_cpus": 0.1}, "model": {"path": str(tiny_model)},
         "redis": {"url": redis_server["url"], "prefix": PREFIX}})
     job = Job(config, sink)
-    summary = {}
-    thread = threading.Thread(target=lambda: summary.update(job.process()))
-    thread.start()
+    thread, summary = run_in_thread(job)
     wait_for(lambda: sink.client.xlen(sink.frames_key(source_id)) >= 8)
     return config, sink, job, thread, summary
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import encode_video, free_port, wait_for
+from helpers import encode_video, free_port, run_in_thread, stop_if_running, wait_for
 from pipeline.config import PipelineConfig
 from pipeline.redis_server import start_redis_server
 from pipeline.runner import Job
@@ -126,9 +126,7 @@ def start_job(server: Server, prefix: str, sources: list[dict], model: Path
         "redis": {"url": server.url, "prefix": prefix, "retry_initial_s": 0.05, "retry_max_s": 0.5}})
     sink = RedisSink.from_config(connect(config.redis.url), config.redis)
     job = Job(config, sink)
-    summary: dict = {}
-    thread = threading.Thread(target=lambda: summary.update(job.process()), daemon=True)
-    thread.start()
+    thread, summary = run_in_thread(job)
     return job, sink, thread, summary
 
 
@@ -171,9 +169,7 @@ def run_through_a_loss(tmp_path: Path, server: Server, prefix: str, tiny_model: 
         thread.join(timeout=60)
     finally:
         sender.kill()
-        if thread.is_alive():
-            job.stop()
-            thread.join(timeout=60)
+        stop_if_running(job, thread)
     assert not thread.is_alive()
     [live_lost] = events(sink, "live", "lost")
     return {"sink": sink, "summary": summary, "file_lost": file_lost, "live_lost": live_lost, "back": back,
@@ -261,9 +257,7 @@ def test_a_stream_deleted_or_trimmed_by_someone_else(tmp_path, servers, ray_sess
         assert trimmed_from < FRAMES  # trimmed mid-run
         thread.join(timeout=120)
     finally:
-        if thread.is_alive():
-            job.stop()
-            thread.join(timeout=60)
+        stop_if_running(job, thread)
     assert not thread.is_alive()
     # A deleted stream is an empty server for that source: its frames are written again, once each.
     assert ends_with_every_frame_once(sink, "deleted") and summary["deleted"]["status"] == "eos"

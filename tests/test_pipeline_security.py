@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from helpers import encode_video, free_port
+from helpers import encode_video, free_port, make_certificates
 from pipeline.cli import main
 from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.redis_server import start_redis_server
@@ -29,22 +29,6 @@ from pipeline.wire import events_key, frames_key
 PASSWORD = "pw-7f3a9c2e51d8"
 PREFIX = "sec"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_certificates(directory: Path, name: str) -> Path:
-    """A CA, and a server certificate for 127.0.0.1 signed by it; returns the CA certificate."""
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name} test CA",
-            "-keyout", f"{name}-ca.key", "-out", f"{name}-ca.crt", cwd=directory)
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", f"{name}.key",
-            "-out", f"{name}.csr", cwd=directory)
-    (directory / "san.ext").write_text("subjectAltName = IP:127.0.0.1\n")
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{name}-ca.crt", "-CAkey", f"{name}-ca.key",
-            "-CAcreateserial", "-days", "1", "-extfile", "san.ext", "-out", f"{name}.crt", cwd=directory)
-    return directory / f"{name}-ca.crt"
 
 
 @pytest.fixture(scope="module")

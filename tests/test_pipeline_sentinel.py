@@ -5,15 +5,13 @@ ends with every frame exactly once. The time without writes is printed.
 """
 import json
 import signal
-import threading
 import time
 
 import pytest
 import redis
 from redis_sentinel import PASSWORD, SERVICE, Tls, start_sentinel_group
-from test_pipeline_security import make_certificates
 
-from helpers import count_frames, encode_video, wait_for
+from helpers import count_frames, encode_video, make_certificates, run_in_thread, wait_for
 from pipeline.cli import main
 from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.redis_url import parse_sentinel_url
@@ -137,9 +135,8 @@ def test_a_sentinel_failover_mid_run_ends_with_every_frame_exactly_once(tmp_path
         "decoder": {"num_cpus": 0.1, "buffer_size": 8}, "model": {"path": str(tiny_model)},
         "redis": {"url": sentinel_group.url, "prefix": PREFIX, "retry_initial_s": 0.05, "retry_max_s": 0.5}})
     sink = RedisSink.from_config(connect(config.redis.url), config.redis)  # as `cdetr run` connects (run_job)
-    job, summary = Job(config, sink), {}
-    thread = threading.Thread(target=lambda: summary.update(job.process()), daemon=True)
-    thread.start()
+    job = Job(config, sink)
+    thread, summary = run_in_thread(job)
     key = sink.frames_key("file")
     wait_for(lambda: sink.client.xlen(key) >= 30)
     primary = sentinel_group.client(sentinel_group.primary_port())
