@@ -422,6 +422,8 @@ def test_sentinel_manifests_fail_over_and_the_old_primary_rejoins_as_a_replica(t
         client = connect(POD_DNS_NAME.sub(lambda m: addresses[m.group(0)], url).replace("26379", str(ports["26379"])))
         key = frames_key(DEFAULT_PREFIX, "cam1")
         client.xadd(key, {"type": "frame", "json": "{}"}, id="1-0")
+        # Replication is asynchronous: kill pod 0 only once pod 1 has the entry, or the promoted node may lack it.
+        wait(lambda: node(1).xlen(key) == 1, "pod 1 to replicate the first entry")
 
         pods.pop(("cdetr-redis-node", 0)).kill()
         wait(lambda: primary() == node_address[1], "the sentinels to promote pod 1")
