@@ -62,15 +62,20 @@ def test_fold_refuses_a_training_batch_norm():
         fold_batch_norm(encoder)
 
 
+def _segmentation_model(tmp_path, seed: int) -> ConditionalDetrForSegmentation:
+    """A small random ResNet-18 segmentation model, written by `transformers` and loaded by ours."""
+    torch.manual_seed(seed)
+    reference = HFSegmentation(HFConfig(**{**SMALL, "backbone": "resnet18", "d_model": 128})).eval()
+    randomize_(reference, seed=seed)
+    return ConditionalDetrForSegmentation.from_pretrained(save_hf_v4(reference, tmp_path)).eval()
+
+
 @pytest.mark.parametrize("options", [InferenceOptions(), InferenceOptions(compile=True, batch_size=3)],
                          ids=["default", "compiled"])
 def test_optimized_segmentation_model_matches_unoptimized(tmp_path, options):
     # The mask head reads the stride 4-16 backbone maps (FPN), which the fold and channels-last both touch; compiled,
     # it reads them from the compiled detector, cut from a batch padded to 3 frames.
-    torch.manual_seed(1)
-    reference = HFSegmentation(HFConfig(**{**SMALL, "backbone": "resnet18", "d_model": 128})).eval()
-    randomize_(reference, seed=1)
-    model = ConditionalDetrForSegmentation.from_pretrained(save_hf_v4(reference, tmp_path)).eval()
+    model = _segmentation_model(tmp_path, seed=1)
     batch = padded_batch()
     with torch.inference_mode():
         expected = model(*batch)
@@ -80,10 +85,7 @@ def test_optimized_segmentation_model_matches_unoptimized(tmp_path, options):
 
 
 def test_autocast_runs_in_bfloat16_and_returns_float32(tmp_path):
-    torch.manual_seed(2)
-    reference = HFSegmentation(HFConfig(**{**SMALL, "backbone": "resnet18", "d_model": 128})).eval()
-    randomize_(reference, seed=2)
-    model = ConditionalDetrForSegmentation.from_pretrained(save_hf_v4(reference, tmp_path)).eval()
+    model = _segmentation_model(tmp_path, seed=2)
     batch = padded_batch()
     with torch.inference_mode():
         expected = model(*batch)

@@ -256,10 +256,3 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).write_text(text + "\n")
     print(text)
     return 0
-
-
-if __name__ == "__main__":
-    main_parser = argparse.ArgumentParser(prog="python -m model.training.evaluate",
-                                          description=__doc__.splitlines()[0])
-    add_arguments(main_parser)
-    raise SystemExit(run(main_parser.parse_args()))

@@ -234,10 +234,3 @@ def run(args: argparse.Namespace) -> int:
                 args.max_minutes, args.panoptic, args.detector, args.init)
     print(f"model written to {out}")
     return 0
-
-
-if __name__ == "__main__":
-    main_parser = argparse.ArgumentParser(prog="python -m model.training.train",
-                                          description=__doc__.splitlines()[0])
-    add_arguments(main_parser)
-    raise SystemExit(run(main_parser.parse_args()))
