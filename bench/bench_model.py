@@ -11,12 +11,16 @@ random weights, fp32. Prints one JSON object. Two modes:
 
     .venv/bin/python bench/bench_model.py [--end-to-end] [--repeats 3] [--threads 1] [--compile]
                                           [--autocast bfloat16 [float16]] [--device cpu] [--variants NAME...]
+                                          [--runtimes onnxruntime_fp32 openvino_fp32 openvino_bf16]
 
 Our model runs in the variants of `model.optimize.optimize` (VARIANTS; `--compile` and `--autocast` add one
 each), so every switch is measured against the same baseline. `transformers` is measured with its default SDPA
 attention (and, in forward mode, its eager attention). Each ratio = best transformers time / our time (> 1: we are
-faster), for wall time and for process CPU time; on a shared machine the CPU time with `--threads 1` is the clean
-measure (waiting for a core counts in wall time only). The logits are compared, so all compute the same thing.
+faster), for wall time and for process CPU time. `--runtimes` adds our exported graph (model/export.py: the
+detector with its pixel_mask input, fed a mask of ones, as the pipeline's workers run it with `model.runtime`) in
+ONNX Runtime and OpenVINO (`model/runtime.py`; OpenVINO at INFERENCE_PRECISION_HINT f32 or bf16), CPU only. On
+a shared machine the CPU time with `--threads 1` is the clean measure (waiting for a core counts in wall time
+only). The logits are compared, so all compute the same thing.
 """
 from __future__ import annotations
 
@@ -46,8 +50,10 @@ from bench_preprocess import HEIGHT, WIDTH, frames  # noqa: E402
 from machine import cpu_model  # noqa: E402
 
 from model.conditional_detr import ConditionalDetrForObjectDetection  # noqa: E402
+from model.export import export_detector  # noqa: E402
 from model.image_processor import ConditionalDetrImageProcessor  # noqa: E402
 from model.optimize import InferenceOptions, frames_to_device, optimize  # noqa: E402
+from model.runtime import ExportedDetector  # noqa: E402
 from model.yuv import yuv420_to_rgb  # noqa: E402
 
 VARIANTS = {
@@ -56,6 +62,9 @@ VARIANTS = {
     "ours_fold_bn_channels_last": InferenceOptions(fold_batch_norm=True, channels_last=True),  # the default
 }
 DEFAULT_VARIANT = "ours_fold_bn_channels_last"
+# --runtimes: name -> (model.runtime, precision)
+RUNTIME_VARIANTS = {"onnxruntime_fp32": ("onnxruntime", "fp32"), "openvino_fp32": ("openvino", "fp32"),
+                    "openvino_bf16": ("openvino", "bf16")}
 
 
 def timed(function: Callable[[], object], device: torch.device) -> tuple[float, float]:
@@ -104,17 +113,29 @@ def variant_options(args: argparse.Namespace) -> dict[str, InferenceOptions]:
             if not args.variants or name in args.variants or name == DEFAULT_VARIANT}
 
 
-def build_models(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, torch.nn.Module], HFDetection,
+def build_models(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, Callable], HFDetection,
                                                                            HFDetection]:
-    """Our variants and transformers (SDPA, eager), all with the same random R50 weights."""
+    """Our variants (and exported runtimes) and transformers (SDPA, eager), all with the same random R50 weights."""
     torch.manual_seed(0)
     hf = HFDetection(HFConfig(num_labels=91, use_pretrained_backbone=False)).eval()
     with tempfile.TemporaryDirectory() as directory:
         hf.save_pretrained(directory)
         loaded = ConditionalDetrForObjectDetection.from_pretrained(directory).to(device)
         hf_eager = HFDetection.from_pretrained(directory, attn_implementation="eager").eval().to(device)
-    ours = {name: optimize(copy.deepcopy(loaded), options) for name, options in variant_options(args).items()}
+        ours = {name: optimize(copy.deepcopy(loaded), options) for name, options in variant_options(args).items()}
+        if args.runtimes:
+            # Both runtimes read the file when the model is made: it may go with the directory afterwards.
+            graph = export_detector(loaded, Path(directory) / "detector.onnx").path
+            for name in args.runtimes:
+                runtime, precision = RUNTIME_VARIANTS[name]
+                ours[f"ours_{name}"] = ExportedDetector(graph, loaded.config, runtime, precision,
+                                                        torch.get_num_threads())
     return ours, hf.to(device), hf_eager
+
+
+def logits_of(outputs) -> torch.Tensor:
+    """Our torch models return an output object, the exported runtimes a dict."""
+    return outputs["logits"] if isinstance(outputs, dict) else outputs.logits
 
 
 def max_logit_diffs(ours: dict[str, torch.nn.Module], hf: HFDetection, inputs: dict) -> dict[str, float]:
@@ -122,7 +143,7 @@ def max_logit_diffs(ours: dict[str, torch.nn.Module], hf: HFDetection, inputs: d
     would also make a compiled variant compile again)."""
     with torch.inference_mode():
         expected = hf(**inputs).logits
-        return {name: (model(inputs["pixel_values"]).logits.float() - expected).abs().max().item()
+        return {name: (logits_of(model(inputs["pixel_values"])).float() - expected).abs().max().item()
                 for name, model in ours.items()}
 
 
@@ -185,6 +206,17 @@ def end_to_end_benchmark(args: argparse.Namespace, device: torch.device) -> dict
     return report
 
 
+def runtime_versions(runtimes: list[str]) -> dict[str, str]:
+    versions = {}
+    if any(name.startswith("onnxruntime") for name in runtimes):
+        import onnxruntime
+        versions["onnxruntime"] = onnxruntime.__version__
+    if any(name.startswith("openvino") for name in runtimes):
+        import openvino
+        versions["openvino"] = openvino.get_version()
+    return versions
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--end-to-end", action="store_true", help="frames -> detections instead of the forward")
@@ -199,6 +231,8 @@ def main() -> None:
                         "call compiles (minutes on a small CPU), the warm-up round absorbs it")
     parser.add_argument("--autocast", choices=["bfloat16", "float16"], nargs="+", default=[],
                         help="also measure optimize(dtype=...) for each")
+    parser.add_argument("--runtimes", nargs="+", choices=list(RUNTIME_VARIANTS), default=[],
+                        help="also measure our exported graph in these runtimes (CPU only)")
     parser.add_argument("--variants", nargs="+", metavar="NAME",
                         help=f"measure only these of our variants (and {DEFAULT_VARIANT}, always): each compiled "
                         "one compiles once per batch size")
@@ -206,15 +240,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.runtimes and device.type != "cpu":
+        parser.error("--runtimes run on the CPU (ONNX Runtime and OpenVINO's CPU plugin)")
     report = end_to_end_benchmark(args, device) if args.end_to_end else forward_benchmark(args, device)
     print(json.dumps({
         **report,
         "dtype": "float32",
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "repeats": args.repeats,
-        "variants": {name: repr(options) for name, options in variant_options(args).items()},
+        "variants": {**{name: repr(options) for name, options in variant_options(args).items()},
+                     **{f"ours_{name}": "exported graph, runtime %s, precision %s" % RUNTIME_VARIANTS[name]
+                        for name in args.runtimes}},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
+                     "python": platform.python_version(), **runtime_versions(args.runtimes)},
         "machine": {"platform": platform.platform(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "loadavg_1min_at_end": os.getloadavg()[0]},
     }, indent=2))

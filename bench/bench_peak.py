@@ -1,9 +1,11 @@
 """How far the model is from the CPU's limit: FLOPs per frame against the practical peak. Prints one JSON object.
 
   peak     GFLOP/s on `--threads` threads of a large square matmul (`--matmul-size`, fp32 and bf16; MKL) and of a
-           3x3 convolution (256 channels, 128x128, channels-last; oneDNN). The faster fp32 one is the practical
-           peak, not the datasheet figure. They differ on AMD CPUs: MKL's GEMM may take an AVX2 path there, while
-           oneDNN's convolutions (most of the model's FLOPs) use the full AVX-512 width.
+           3x3 convolution (256 channels, 128x128, channels-last, fp32 and bf16; oneDNN). The faster fp32 one is the
+           practical peak, not the datasheet figure; likewise for bf16, which runs on AMX tiles where the CPU has
+           them (`cpu_kind`: amx, avx512_bf16 or none, model/precision.py). They differ on AMD CPUs: MKL's GEMM
+           may take an AVX2 path there, while oneDNN's convolutions (most of the model's FLOPs) use the full
+           AVX-512 width.
   model    FLOPs of one forward of Conditional DETR-R50 (default config, random weights, `optimize` defaults) at
            `--height` x `--width` (default 750x1333, a 1280x720 frame at the model's size), counted by
            torch.utils.flop_counter (convolutions, matmuls, attention; 1 MAC = 2 FLOPs), the backbone's share,
@@ -28,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig
 from model.optimize import optimize
+from model.precision import detect_hardware
 
 
 def best_cpu_seconds(function, repeats: int) -> float:
@@ -46,9 +49,9 @@ def matmul_gflops(size: int, dtype: torch.dtype, repeats: int) -> float:
     return 2 * size**3 / best_cpu_seconds(lambda: a @ b, repeats) / 1e9
 
 
-def conv3x3_gflops(repeats: int) -> float:
-    conv = nn.Conv2d(256, 256, 3, padding=1, bias=False).eval().to(memory_format=torch.channels_last)
-    x = torch.randn(1, 256, 128, 128).contiguous(memory_format=torch.channels_last)
+def conv3x3_gflops(dtype: torch.dtype, repeats: int) -> float:
+    conv = nn.Conv2d(256, 256, 3, padding=1, bias=False).eval().to(dtype, memory_format=torch.channels_last)
+    x = torch.randn(1, 256, 128, 128, dtype=dtype).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         return 2 * 256 * 256 * 9 * 128 * 128 / best_cpu_seconds(lambda: conv(x), repeats) / 1e9
 
@@ -66,8 +69,10 @@ def main() -> None:
     peak = {f"matmul_{str(dtype).removeprefix('torch.')}": round(matmul_gflops(args.matmul_size, dtype,
                                                                                args.repeats), 1)
             for dtype in (torch.float32, torch.bfloat16)}
-    peak["conv3x3_float32"] = round(conv3x3_gflops(args.repeats), 1)
+    for dtype in (torch.float32, torch.bfloat16):
+        peak[f"conv3x3_{str(dtype).removeprefix('torch.')}"] = round(conv3x3_gflops(dtype, args.repeats), 1)
     fp32_peak = max(peak["matmul_float32"], peak["conv3x3_float32"])
+    bf16_peak = max(peak["matmul_bfloat16"], peak["conv3x3_bfloat16"])
     torch.manual_seed(0)
     model = optimize(ConditionalDetrForObjectDetection(ConditionalDetrConfig(num_labels=91)))
     pixel_values = torch.randn(1, 3, args.height, args.width)
@@ -84,6 +89,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "hardware_limit",
         "peak_gflops_per_s": peak, "matmul_size": args.matmul_size, "fp32_peak_gflops_per_s": fp32_peak,
+        "bf16_peak_gflops_per_s": bf16_peak, "cpu_kind": detect_hardware("cpu").cpu_kind,
         "model_input": [1, 3, args.height, args.width],
         "model_gflops_per_frame": round(flops / 1e9, 1), "model_gmacs_per_frame": round(flops / 2e9, 1),
         "backbone_share_of_flops": round(backbone / flops, 3),

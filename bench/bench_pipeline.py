@@ -3,7 +3,7 @@
 All run in the same process on the same videos, weights and Redis (a private redis-server on a free port):
   naive     for each video in turn, one frame at a time: PyAV decode at full size -> preprocess (torch resize)
             -> model -> post-process -> one XADD, with our Detector in float32 (what a first version would run)
-  naive_with_switches  the same loop with the pipeline's --autocast / --compile (only when one is given)
+  naive_with_switches  the same loop with the pipeline's --precision / --compile / --runtime (when one is given)
   naive_transformers  the same loop with the reference: transformers' processor, model and post-processing
   pipeline  `run_job`: a StreamDecoder actor per source (`--decoder-output`: rgb, swscale to model size; yuv420,
             the decoder's planes, converted and resized by the worker), batches across sources, DetectorWorker
@@ -26,7 +26,7 @@ get `--threads` x `--workers` threads, the same cores. On a shared machine more 
 every forward pass several times slower and noisier.
 
     python bench/bench_pipeline.py [--sources 4] [--seconds 8] [--batch-size 8] [--threads 1] [--workers 1]
-                                   [--num-gpus 0] [--autocast bfloat16] [--compile] [--model DIR] [--short-side N]
+                                   [--num-gpus 0] [--precision bf16] [--compile] [--model DIR] [--short-side N]
                                    [--decoder-output rgb|yuv420] [--naive-sources K] [--live S]
                                    [--batches-in-flight N]
 
@@ -296,7 +296,10 @@ def main() -> None:
                         help="torch threads per pipeline worker (the naive loops: threads x workers)")
     parser.add_argument("--workers", type=int, default=1, help="DetectorWorker actors (model replicas)")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per pipeline worker")
-    parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="the pipeline's model.autocast")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="fp32",
+                        help="the pipeline's model.precision")
+    parser.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"], default="torch",
+                        help="the pipeline's model.runtime")
     parser.add_argument("--compile", action="store_true", help="the pipeline's model.compile")
     parser.add_argument("--model", type=Path, help="checkpoint directory (default: the bundled shapes-tiny)")
     parser.add_argument("--short-side", type=int, help="model input size: this short side, the long side at most "
@@ -319,7 +322,8 @@ def main() -> None:
     size = None if args.short_side is None else {"shortest_edge": args.short_side,
                                                  "longest_edge": args.short_side * 1333 // 800}
     baseline = ModelSettings(path=model_path, size=size)
-    settings = baseline.model_copy(update={"autocast": args.autocast, "compile": args.compile})
+    settings = ModelSettings(path=model_path, size=size, precision=args.precision, compile=args.compile,
+                             runtime=args.runtime)
     # At most 8 distinct videos (encoding 50 takes minutes); further sources read them again under their own ids.
     distinct = [write_sample_video(work / f"src{i}.mp4", seconds=args.seconds, size=SIZE, seed=i, fps=SOURCE_FPS)
                 for i in range(min(args.sources, 8))]
@@ -355,7 +359,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "pipeline", "sources": args.sources, "source_size": list(SIZE), "seconds_per_source": args.seconds,
         "model": str(model_path), "random_weights": random_weights, "model_size": load_processor(settings).size,
-        "autocast": args.autocast, "compile": args.compile, "batch_size": args.batch_size,
+        "precision": args.precision, "runtime": args.runtime, "compile": args.compile, "batch_size": args.batch_size,
         "naive_sources": 0 if args.live else len(videos[:args.naive_sources]), "live_seconds": args.live,
         "offered_fps": args.sources * SOURCE_FPS if args.live else None,
         "threads": args.threads, "workers": args.workers, "naive_threads": torch.get_num_threads(),

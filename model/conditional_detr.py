@@ -132,8 +132,10 @@ class ConditionalDetrModel(ConditionalDetrPreTrainedModel):
         pixel_mask = self._check_inputs(pixel_values, pixel_mask)
         stages, pos = self.backbone(pixel_values, pixel_mask)
         feature_map, mask = stages[-1]
-        # Unpadded batches run the attention without a mask, which lets SDPA pick its fused kernels.
-        padded = given_mask and not bool(mask.all())
+        # Unpadded batches run the attention without a mask, which lets SDPA pick its fused kernels. An exported
+        # graph (torch.export, the ONNX export: model/export.py) cannot branch on the data, so with a mask it always
+        # masks: the same result for unpadded batches, the right one for padded ones.
+        padded = given_mask and (torch.compiler.is_exporting() or not bool(mask.all()))
         return ConditionalDetrFeatures(
             feature_maps=[feature for feature, _ in stages],
             mask=mask,
@@ -155,7 +157,8 @@ class ConditionalDetrModel(ConditionalDetrPreTrainedModel):
             raise ValueError(f"pixel_mask must have shape {(batch, height, width)} to match pixel_values, "
                              f"got {tuple(pixel_mask.shape)}")
         pixel_mask = pixel_mask.to(device=pixel_values.device, dtype=torch.bool)
-        if not bool(pixel_mask[:, 0, 0].all()):
+        # A graph cannot raise on values: an exported model's runtime checks the corner itself (model/runtime.py).
+        if not torch.compiler.is_exporting() and not bool(pixel_mask[:, 0, 0].all()):
             # Padding goes bottom/right, so the top-left pixel is valid in every real image; an image without it
             # would leave its attention rows with nothing to attend to.
             raise ValueError("pixel_mask marks the top-left pixel of an image as padding; images are expected "

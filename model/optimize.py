@@ -39,7 +39,8 @@ class InferenceOptions:
     batch_size: with `compile`, the compiled detector pads every smaller batch to this many frames (blank frames,
         cut from its outputs), so that batches of any size share one compiled shape (and on CUDA one graph).
     dtype: autocast dtype (torch.bfloat16 / torch.float16) for the forward, outputs returned in float32; None keeps
-        float32. Not within 1e-4: judge it by task accuracy (`cdetr eval --autocast`)."""
+        float32 (the settings' `model.precision`, model/precision.py). Not within 1e-4: judge it by task accuracy
+        (`cdetr eval --precision`)."""
     fold_batch_norm: bool = True
     channels_last: bool = True
     compile: bool = False

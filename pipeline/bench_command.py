@@ -21,6 +21,8 @@ SCRIPTS = {
     "decode": "bench_decoder.py",  # CPU per 1080p30 H.264 stream of the pipeline's decoder vs plain PyAV
     "peak": "bench_peak.py",  # FLOPs per frame and the CPU's practical peak: how far from the hardware limit
     "stages": "bench_stages.py",  # one batch stage by stage: ms, GFLOP and TFLOP/s per stage vs the peak
+    "rtsp": "bench_rtsp.py",  # N RTSP cameras from one local server: decoder CPU, latency, drops, reboots
+    "tracking": "bench_tracking.py",  # our tracker vs the trackers package's ByteTrack / OC-SORT: HOTA, IDF1, counts
 }
 
 

@@ -19,9 +19,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample-video": ("pipeline.sample_video", "write a procedural shapes video with ground truth"),
     "render": ("pipeline.render", "annotated video of a source from its results in Redis"),
     "schema": ("pipeline.schema", "print the JSON Schema of the Redis wire format"),
+    "probe": ("pipeline.probe", "open one source as the decoder does and report what it finds (no Ray, no Redis)"),
     "train": ("model.training.train", "train Conditional DETR on a COCO-format (shapes) dataset"),
     "eval": ("model.training.evaluate", "bbox/segm AP and panoptic quality of a model on a COCO-format dataset"),
     "bench": ("pipeline.bench_command", "run a benchmark script from bench/ (prints JSON)"),
+    "export": ("pipeline.export_command", "export a checkpoint's detector to ONNX, checked against PyTorch"),
 }
 
 

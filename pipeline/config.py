@@ -11,8 +11,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from pipeline import geometry
 from pipeline.redis_url import check_redis_url
 from pipeline.sources import parse_source_url, redact
 from pipeline.wire import DEFAULT_PREFIX
@@ -30,6 +40,47 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+Point = tuple[FiniteFloat, FiniteFloat]  # NaN or infinite coordinates make no geometry
+Anchor = Literal["bottom_center", "center"]
+
+
+class LineConfig(_Section):
+    """A counting line: a track crossing it from one side to the other counts once per crossing."""
+    name: str = Field(min_length=1, max_length=64)
+    points: tuple[Point, Point] = Field(description="[[x0, y0], [x1, y1]] in source-frame pixels")
+    in_side: Literal["left", "right"] = Field(
+        description="side of the directed line p0->p1 (as drawn on the image) that counts as `in`")
+    labels: list[str] | None = Field(None, description="count only these classes (label_name); None: all thing "
+                                                       "classes")
+    anchor: Anchor = Field("bottom_center", description="point of the box that must cross the line")
+
+    @field_validator("points")
+    @classmethod
+    def _not_degenerate(cls, points: tuple[Point, Point]) -> tuple[Point, Point]:
+        if points[0] == points[1]:
+            raise ValueError("a line needs two distinct points")
+        return points
+
+
+class ZoneConfig(_Section):
+    """A region: its occupancy per class each frame, and enter/leave events with the time spent inside."""
+    name: str = Field(min_length=1, max_length=64)
+    polygon: list[Point] = Field(min_length=3, description="[[x, y], ...] vertices in source-frame pixels, in "
+                                                          "order; the last connects back to the first")
+    labels: list[str] | None = Field(None, description="count only these classes (label_name); None: all thing "
+                                                       "classes")
+    anchor: Anchor = Field("bottom_center", description="point of the box that must be inside the zone")
+
+    @field_validator("polygon")
+    @classmethod
+    def _simple_polygon(cls, polygon: list[Point]) -> list[Point]:
+        if geometry.polygon_area(polygon) == 0:
+            raise ValueError("the polygon has zero area")
+        if not geometry.is_simple_polygon(polygon):
+            raise ValueError("the polygon intersects itself")
+        return polygon
+
+
 class SourceConfig(_Section):
     id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="stream name: cdetr:frames:<id>")
     url: str = Field(description="file path, file://, http(s)://, rtsp(s)://, udp:// or tcp:// (MPEG-TS); user and "
@@ -37,6 +88,24 @@ class SourceConfig(_Section):
     fps: float | None = Field(None, gt=0, description="sample at most this many frames per second (None: all)")
     policy: Literal["block", "drop_oldest"] | None = Field(
         None, description="backpressure: block (default for files) or drop_oldest (default for live sources)")
+    tracking: bool | None = Field(None, description="track objects and count lines/zones on this source (None: "
+                                                    "tracking.enabled; every source is a video)")
+    lines: list[LineConfig] = Field(default_factory=list, description="counting lines (tracking only)")
+    zones: list[ZoneConfig] = Field(default_factory=list, description="occupancy zones (tracking only)")
+    transport: Literal["auto", "tcp", "udp"] = Field(
+        "auto", description="RTSP media transport: auto tries TCP, then UDP when the camera offers only that "
+        "(pipeline/sources.py transports); rtsp:// only")
+    ca_file: str | None = Field(None, description="CA certificates (PEM) an https:// or rtsps:// server's "
+                                "certificate is verified against, on the decoders' nodes (None: the system's)")
+
+    @field_validator("lines", "zones")
+    @classmethod
+    def _unique_names(cls, items: list[LineConfig] | list[ZoneConfig]) -> list[LineConfig] | list[ZoneConfig]:
+        names = [item.name for item in items]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate names: {', '.join(duplicates)}")
+        return items
 
     @field_validator("url")
     @classmethod
@@ -46,6 +115,15 @@ class SourceConfig(_Section):
         if source.scheme == "file" and not url.startswith("file:"):
             return str(Path(source.target).resolve())
         return url
+
+    @model_validator(mode="after")
+    def _applies_to_url(self) -> "SourceConfig":
+        scheme = parse_source_url(self.url).scheme
+        if self.transport != "auto" and scheme != "rtsp":
+            raise ValueError(f"transport {self.transport!r} applies to rtsp:// sources only (rtsps:// is always TCP)")
+        if self.ca_file is not None and scheme not in ("https", "rtsps"):
+            raise ValueError("ca_file applies to https:// and rtsps:// sources only")
+        return self
 
     @property
     def live(self) -> bool:
@@ -100,6 +178,9 @@ class DecoderConfig(_Section):
     reconnect_initial_s: float = Field(1.0, gt=0, description="first reconnect delay; doubles per failure")
     reconnect_max_s: float = Field(30.0, gt=0)
     watchdog_s: float = Field(10.0, gt=0, description="reconnect a live source that yields no frame this long")
+    # Many cameras lock an account after 5-7 failed logins: a wrong password is retried a handful of times an hour.
+    auth_retry_s: float = Field(900.0, gt=0, description="wait after a live source refused our credentials (401, "
+                                "403) before trying again")
     # Hostile input: the header's frame size is checked before anything is decoded (a 16k x 16k frame is 400 MB
     # of YUV), and only common camera/file codecs reach FFmpeg (its rarely used decoders are where its CVEs are).
     max_pixels: int = Field(7680 * 4320, ge=1, description="refuse streams whose frames have more pixels (8K)")
@@ -132,18 +213,72 @@ class ModelSettings(_Section):
     size: dict[str, int] | None = Field(
         None, description="processor resize rule override, e.g. {shortest_edge: 480, longest_edge: 800}")
     # model/optimize.py InferenceOptions; the always-on ones (batch-norm folding, channels-last) have no setting.
-    autocast: Literal["bfloat16", "float16"] | None = Field(
-        None, description="run the forward under autocast to this dtype (not within 1e-4 of float32; measure the "
-        "task accuracy with `cdetr eval --autocast`)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32; bf16 / fp16 (torch: autocast, outputs back in float32; openvino: its "
+        "INFERENCE_PRECISION_HINT), not within 1e-4 of fp32 (task accuracy: model/weights/EVAL.md, `cdetr eval "
+        "--precision`); auto: bf16 on CPUs with AMX and on GPUs of compute capability >= 8.0, else fp32 "
+        "(model/precision.py)")
     compile: bool = Field(
         False, description="torch.compile the detector (backbone, transformer, heads) as one graph, on a GPU also "
         "replayed as one CUDA graph; every batch is padded to batching.max_batch_size, so each frame size compiles "
         "once, at its first batch (~20 s on a CPU)")
+    runtime: Literal["torch", "onnxruntime", "openvino"] = Field(
+        "torch", description="what runs the model: torch, or the detector exported to ONNX (model/export.py) run "
+        "by ONNX Runtime (fp32) or OpenVINO, on CPU workers; detection only (no panoptic / instance masks)")
+    export_cache: Path = Field(
+        Path("~/.cache/cdetr/onnx"), description="with runtime onnxruntime / openvino: where each worker's node "
+        "keeps the exported graph (exported at the first worker start, ~20 s for the bundled model)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "autocast" in values:
+            raise ValueError("autocast was replaced by precision (bfloat16 -> bf16, float16 -> fp16; auto picks the "
+                             "hardware's fast one)")
+        return values
+
+    @model_validator(mode="after")
+    def _runtime_can_serve(self) -> "ModelSettings":
+        if self.runtime == "torch":
+            return self
+        if self.needs_masks:
+            raise ValueError(f"runtime {self.runtime}: panoptic output and instance masks need the mask head, "
+                             "which is not exported; use runtime torch")
+        if self.compile:
+            raise ValueError(f"compile is torch.compile, for runtime torch only (got runtime {self.runtime})")
+        if self.runtime == "onnxruntime" and self.precision in ("bf16", "fp16"):
+            raise ValueError(f"runtime onnxruntime runs fp32 only, got precision {self.precision} (openvino runs "
+                             "bf16)")
+        return self
 
     @property
     def needs_masks(self) -> bool:
         """Whether the outputs asked for need the segmentation model's masks."""
         return self.panoptic or self.instance_masks
+
+
+class TrackingConfig(_Section):
+    """The per-source tracker (pipeline/tracker.py, docs/tracking.md): ByteTrack's two-stage association."""
+    enabled: bool = Field(True, description="track every source whose `tracking` is not set (a source's "
+                                            "`tracking` overrides this)")
+    low_threshold: float = Field(
+        0.1, ge=0, le=1, description="workers also send detections down to this score; below model.threshold they "
+        "are only kept when they continue a confirmed track (second association stage)")
+    high_threshold: float | None = Field(
+        None, ge=0, le=1, description="detections from this score are matched first and may start tracks (None: "
+        "model.threshold)")
+    match_iou: float = Field(0.2, gt=0, le=1, description="least IoU of a high-score match")
+    low_match_iou: float = Field(0.3, gt=0, le=1, description="least IoU of a low-score (second stage) match")
+    min_hits: int = Field(2, ge=1, description="matched frames in a row before a track is confirmed (gets its ID)")
+    max_lost_s: float = Field(1.0, ge=0, description="a track unmatched this long (in pts seconds) ends")
+    class_aware: bool = Field(True, description="match detections only to tracks of their class")
+
+    @model_validator(mode="after")
+    def _ordered_thresholds(self) -> "TrackingConfig":
+        if self.high_threshold is not None and self.high_threshold <= self.low_threshold:
+            raise ValueError(f"high_threshold ({self.high_threshold}) must exceed low_threshold "
+                             f"({self.low_threshold})")
+        return self
 
 
 class RedisConfig(_Section):
@@ -174,6 +309,7 @@ class PipelineConfig(_Section):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     ray_address: str | None = Field(None, description="Ray cluster address (None: start a local Ray)")
     keep_running: bool = Field(False, description="after the sources end, wait for control-stream messages")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> "PipelineConfig":
@@ -182,6 +318,24 @@ class PipelineConfig(_Section):
         if duplicates:
             raise ValueError(f"duplicate source ids: {', '.join(duplicates)}")
         return self
+
+    @model_validator(mode="after")
+    def _exported_runtimes_run_on_cpu(self) -> "PipelineConfig":
+        if self.model.runtime != "torch" and self.workers.num_gpus > 0:
+            raise ValueError(f"model.runtime {self.model.runtime} runs on CPU workers; with workers.num_gpus > 0 "
+                             "use runtime torch")
+        return self
+
+    @model_validator(mode="after")
+    def _analytics_need_tracking(self) -> "PipelineConfig":
+        for source in self.sources:
+            if (source.lines or source.zones) and not self.tracks(source):
+                raise ValueError(f"source {source.id}: lines and zones need tracking, which is off for it")
+        return self
+
+    def tracks(self, source: SourceConfig) -> bool:
+        """Whether `source` is tracked: its own `tracking`, else `tracking.enabled` (every source is a video)."""
+        return self.tracking.enabled if source.tracking is None else source.tracking
 
     @property
     def batches_in_flight_per_worker(self) -> int:

@@ -14,7 +14,12 @@ Backpressure (Roboflow's WAIT/LAZY vs DROP_OLDEST/EAGER: docs/streaming-notes.md
 - `block`: the decode thread waits while the buffer is full, so no frame is ever lost (files);
 - `drop_oldest`: the buffer drops its oldest frame when full, and `read()` hands out only the newest frames
   (live sources); drops are counted.
-Live sources reconnect with exponential backoff; the PyAV read timeout and a no-frame watchdog catch stalls.
+Live sources reconnect with exponential backoff; the PyAV read timeout and a no-frame watchdog catch stalls (a
+frozen camera, a dead HLS writer: FFmpeg alone would wait forever). A camera that refuses our credentials (401,
+403) gets one `auth_failed` event and is tried again only every `auth_retry_s` (minutes): cameras lock an account
+after a few failed logins. RTSP's transport comes from `sources.transports` (TCP, then UDP when only that is
+offered); the one that worked is in the `started`/`recovered` event. An HLS playlist that turns out finished
+(VOD) ends at its end like a file.
 
 Hostile input: the header's frame size and codec are checked before anything is decoded (`DecoderConfig`
 `max_pixels`, `allowed_codecs`); a packet the decoder rejects (corrupt data mid-file) is skipped and reported as a
@@ -25,10 +30,12 @@ A source URL's password may be a `${NAME}` reference (docs/security.md): it is f
 environment right before each open, so the URL with the password never leaves the decoder, and every event
 built from a URL goes through `redact`.
 """
+import errno
 import socket
 import threading
 import time
 from collections import deque
+from urllib.parse import urlsplit
 
 import av
 import numpy as np
@@ -38,10 +45,18 @@ from model.image_size import get_resize_output_size
 from pipeline.config import DecoderConfig, SourceConfig
 from pipeline.frames import RGB, ChunkInfo, FrameFormat, FrameMeta
 from pipeline.schema import Event
-from pipeline.sources import MissingSecret, expand_secrets, open_options, parse_source_url, redact
+from pipeline.sources import MissingSecret, expand_secrets, open_options, parse_source_url, redact, transports
 
 # A frame's colour matrix tag -> model/yuv.py's name; untagged video is BT.601, as swscale assumes.
 _MATRICES = {Colorspace.ITU709: "bt709", Colorspace.BT2020: "bt2020"}
+
+
+def _resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, None)
+        return True
+    except OSError:
+        return False
 
 
 class StalledError(RuntimeError):
@@ -50,6 +65,10 @@ class StalledError(RuntimeError):
 
 class RefusedError(ValueError):
     """The input is well formed but not something we decode (codec, frame size)."""
+
+
+# What a server answers to wrong or missing credentials (FFmpeg maps RTSP's status codes to HTTP's errors).
+AUTH_ERRORS = (av.error.HTTPUnauthorizedError, av.error.HTTPForbiddenError)
 
 
 class StreamDecoder:
@@ -68,6 +87,7 @@ class StreamDecoder:
         self._done = False
         self._stop = threading.Event()
         self._next_sample_t: float | None = None
+        self._transport: str | None = None  # the RTSP transport of the open connection
         # Index of the next decoded frame. It keeps counting across reconnects so entry IDs only grow; a file
         # restarts at 0 and skips what is already written, a live stream simply continues the numbering.
         self._index = start_index if self.url.live else 0
@@ -108,26 +128,35 @@ class StreamDecoder:
     def _run(self) -> None:
         failures = 0
         opened_before = False
+        auth_failed = False  # since the last successful open
         while not self._stop.is_set():
             try:
-                with av.open(self._target(), options=open_options(self.url),
-                             timeout=(self.cfg.open_timeout_s, self.cfg.read_timeout_s)) as container:
+                with self._open() as container:
                     if not container.streams.video:
                         raise RefusedError("no video stream in this input")
                     stream = container.streams.video[0]
                     self._check(stream)
                     self._emit("recovered" if opened_before else "started", details=self._describe(stream))
-                    opened_before, failures = True, 0
+                    opened_before, failures, auth_failed = True, 0, False
                     self._decode(container, stream)
-                if not self.url.live:
+                    # A live HLS playlist has no duration; a finished (VOD) one ends like a file.
+                    finite = not self.url.live or container.duration is not None
+                if finite:
                     break
                 raise StalledError("live stream ended")
             except Exception as e:  # PyAV raises many types (FFmpegError, OSError, ValueError); all end here
                 if self._stop.is_set():
                     break
-                if not self.url.live or isinstance(e, RefusedError):  # a refused stream will not get better
-                    self._emit("error", message=self._explain(e))
+                if not self.url.live or isinstance(e, RefusedError) or self._unplayable(e, opened_before):
+                    self._emit("error", message=self._explain(e))  # it will not get better
                     break
+                if isinstance(e, AUTH_ERRORS):
+                    if not auth_failed:  # one event per streak: the retries are slow and say nothing new
+                        self._emit("auth_failed", message=f"{self._explain(e)}; trying again every "
+                                   f"{self.cfg.auth_retry_s:g} s", details={"retry_s": self.cfg.auth_retry_s})
+                    auth_failed = True
+                    self._stop.wait(self.cfg.auth_retry_s)
+                    continue
                 failures += 1
                 delay = min(self.cfg.reconnect_initial_s * 2 ** (failures - 1), self.cfg.reconnect_max_s)
                 self._emit("reconnecting", message=self._explain(e),
@@ -136,6 +165,31 @@ class StreamDecoder:
         with self._cond:
             self._done = True
             self._cond.notify_all()
+
+    def _unplayable(self, error: Exception, opened_before: bool) -> bool:
+        """An HLS URL that never served a playable playlist (not a playlist, or segments FFmpeg may not open:
+        `file://` ones) is refused like a file; once one has played, every failure is retried."""
+        return self.url.hls and not opened_before and isinstance(error, av.error.InvalidDataError)
+
+    def _open(self):
+        """The opened container, over the first transport the server accepts (`sources.transports`); the one that
+        worked last goes first, so a UDP-only camera is not asked for TCP at every reconnect."""
+        target = self._target()
+        order = transports(self.url, self.source.transport)
+        *first, last = sorted(order, key=lambda transport: transport != self._transport)  # stable
+        for transport in first:
+            try:
+                return self._open_with(target, transport)
+            except OSError as e:
+                if e.errno != errno.EPROTONOSUPPORT:  # what FFmpeg makes of 461 Unsupported Transport
+                    raise
+        return self._open_with(target, last)
+
+    def _open_with(self, target: str, transport: str | None):
+        container = av.open(target, options=open_options(self.url, transport, self.source.ca_file),
+                            timeout=(self.cfg.open_timeout_s, self.cfg.read_timeout_s))
+        self._transport = transport
+        return container
 
     def _target(self) -> str:
         """What FFmpeg opens: the URL with its `${NAME}` references filled in from this node's environment."""
@@ -157,18 +211,33 @@ class StreamDecoder:
             raise RefusedError(f"frame size {width}x{height} exceeds decoder.max_pixels = {self.cfg.max_pixels}")
 
     def _explain(self, error: Exception) -> str:
+        if isinstance(error, AUTH_ERRORS):
+            return (f"authentication failed ({error.strerror}) at {self.source.url}: check the user name and "
+                    f"password")
         if isinstance(error, av.error.ExitError):
             # PyAV's timeout interrupts FFmpeg, which reports it as "Immediate exit requested".
             return (f"timed out: no data within {self.cfg.open_timeout_s:g} s (open) / "
                     f"{self.cfg.read_timeout_s:g} s (read) from {self.source.url}")
-        return f"{type(error).__name__}: {error}"
+        message = f"{type(error).__name__}: {error}"
+        code = error.errno if isinstance(error, OSError) else None
+        if code == errno.EPROTONOSUPPORT and self.url.scheme == "rtsp":
+            offered = " or ".join(transports(self.url, self.source.transport)).upper()
+            return f"{message} (the camera does not offer RTSP over {offered}; see the source's transport)"
+        if code == errno.EIO:  # FFmpeg's answer to several network failures: say which it may be
+            host = urlsplit(self.url.target).hostname
+            if host is not None and not _resolves(host):
+                return f"{message} (cannot resolve host {host!r})"
+            if self.url.scheme in ("https", "rtsps"):
+                return f"{message} (a TLS failure reads so too: is the server's certificate signed by ca_file?)"
+        return message
 
     def _describe(self, stream) -> dict:
         rate = stream.average_rate
         return {"url": self.source.url, "width": stream.width, "height": stream.height,
                 "fps": float(rate) if rate else None, "frames": stream.frames or None,
                 "duration_s": float(stream.duration * stream.time_base) if stream.duration else None,
-                "start_index": self.start_index}
+                "start_index": self.start_index, "codec": stream.codec_context.codec.canonical_name,
+                "transport": self._transport}
 
     def _decode(self, container, stream) -> None:
         if not self.url.live:

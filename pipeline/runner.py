@@ -18,6 +18,9 @@ pipeline/source_state.py; the decisions of what to read and which worker gets a 
   deleted): each write appends only where the stream still ends (pipeline/sink.py), so the loss shows at the
   source's next write, and `SourceState.lost` repairs it: a file decodes the lost frames again, a live source goes
   on after them; a `lost` event names them either way.
+- Tracking: a tracked source's results go through its tracker in frame order as they are taken for writing, and
+  the tracker's snapshot is written with them in one Lua call; where the job resumes a source, the tracker is
+  restored from it (pipeline/source_tracking.py), so track IDs, counts and events are written exactly once too.
 - Control: `cdetr:control` is polled for add/remove/stop messages.
 Ctrl-C (or a `stop` message) stops reading, waits for the batches already running, writes them in order and ends;
 unfinished file sources then resume from the last written frame on the next run.
@@ -43,6 +46,7 @@ from pipeline.scheduling import free_worker, read_size
 from pipeline.schema import AddSource, ControlMessage, Event, FrameResult, RemoveSource, Stop
 from pipeline.sink import RedisSink, connect
 from pipeline.source_state import SourceState, resume_index
+from pipeline.source_tracking import StateError, TrackedSource, stuff_labels
 from pipeline.sources import redact
 from pipeline.wire import JSON_FIELD
 from pipeline.worker import DetectorWorker, check_model_path, load_processor
@@ -66,6 +70,7 @@ class Job:
         self.placement: Placement | None = None  # known once the workers run
         self.batchers: dict[str, Batcher] = {}  # per worker node: its sources' chunks, for its workers only
         self.size = load_processor(config.model).size
+        self.stuff_labels = stuff_labels(config.model.path)
         self.sources: dict[str, SourceState] = {}
         self.finished: dict[str, SourceState] = {}
         self.workers: list[ray.actor.ActorHandle] = []
@@ -109,14 +114,18 @@ class Job:
     def summary(self) -> dict[str, dict]:
         stats = self.metrics.summary()
         states = {**self.finished, **self.sources}
-        return {source_id: {"status": state.status, **stats.get(source_id, {"frames": 0, "fps": None,
-                                                                            "p50_ms": None, "p95_ms": None,
-                                                                            "dropped": 0, "lost": 0})}
+        empty = {"frames": 0, "fps": None, "p50_ms": None, "p95_ms": None, "dropped": 0, "lost": 0}
+        return {source_id: {"status": "auth_failed" if state.auth_failed else state.status,
+                            **stats.get(source_id, empty)}
                 for source_id, state in states.items()}
 
     def add_source(self, source: SourceConfig) -> None:
         if source.id in self.sources:
             self.sink.event(Event(type="error", source_id=source.id, message="a source with this id is running"))
+            return
+        if (source.lines or source.zones) and not self.config.tracks(source):
+            self.sink.event(Event(type="error", source_id=source.id,
+                                  message="lines and zones need tracking, which is off for this source"))
             return
         stored = self.sink.state(source.id)
         if stored.finished:
@@ -125,7 +134,10 @@ class Job:
             return
         strategy = self.placement.assign(source.id)
         decoder = self._decoder(source, resume_index(stored.last_frame_index), strategy)
-        self.sources[source.id] = SourceState(source, decoder, strategy.node_id, last_written=stored.last_frame_index)
+        tracking = TrackedSource(self.config.tracking, source, self.config.model.threshold, self.stuff_labels) \
+            if self.config.tracks(source) else None
+        self.sources[source.id] = SourceState(source, decoder, strategy.node_id, last_written=stored.last_frame_index,
+                                              tracking=tracking)
 
     def _decoder(self, source: SourceConfig, start: int,
                  strategy: NodeAffinitySchedulingStrategy) -> ray.actor.ActorHandle:
@@ -148,7 +160,8 @@ class Job:
         actor = Worker.options(num_cpus=w.num_cpus, num_gpus=w.num_gpus, resources=w.resources,
                                max_restarts=w.max_restarts, max_task_retries=w.max_task_retries)
         count = worker_count(len(self.config.sources), w.streams_per_worker, w.count)
-        self.workers = [actor.remote(self.config.model, max(1, int(w.num_cpus)), self.config.batching.max_batch_size)
+        self.workers = [actor.remote(self.config.model, max(1, int(w.num_cpus)), self.config.batching.max_batch_size,
+                                     candidate_threshold(self.config))
                         for _ in range(count)]
         return [node_of(worker) for worker in self.workers]
 
@@ -273,9 +286,12 @@ class Job:
 
     def _on_decoder_event(self, state: SourceState, event: Event) -> None:
         self.sink.event(event)
+        if event.type in ("auth_failed", "started", "recovered"):
+            state.auth_failed = event.type == "auth_failed"
+        if event.type in ("error", "auth_failed"):
+            logger.error("%s: %s", state.config.id, event.message)
         if event.type == "error":
             state.decoder_failed()
-            logger.error("%s: %s", state.config.id, event.message)
         elif event.type == "started" and self.show_progress and not state.config.live and state.progress is None:
             state.progress = tqdm(total=_expected_frames(state.config, event.details), desc=state.config.id,
                                   unit="frame")
@@ -321,18 +337,40 @@ class Job:
         states = [self.sources[i] for i in source_ids if i in self.sources]
         ready = {state.config.id: state.take_ready() for state in states}
         while ready := {i: results for i, results in ready.items() if results}:
-            lost = self.sink.write_frames([r for results in ready.values() for r in results],
-                                          after={i: self.sources[i].last_written for i in ready})
+            tracked, snapshots = {}, {}
             for i, results in ready.items():
+                try:
+                    tracked[i], snapshot = self._track(self.sources[i], results)
+                except StateError as e:  # this source stops; the others go on
+                    self._fail(self.sources[i], f"{e}: {self.sink.state_key(i)}")
+                    continue
+                if snapshot is not None:
+                    snapshots[i] = snapshot
+            lost = self.sink.write_frames([r for results in tracked.values() for r in results],
+                                          after={i: self.sources[i].last_written for i in tracked}, snapshots=snapshots)
+            for i, results in tracked.items():
                 if i not in lost:
                     self._written(self.sources[i], results)
             for i, stored in lost.items():
                 self._on_lost(self.sources[i], stored.last_frame_index)
-            # A live source's results go again, after where its stream ends now; a file's are decoded again.
+            # A live source's results go again, after where its stream ends now (tracked again from the state Redis
+            # kept with it); a file's are decoded again.
             ready = {i: ready[i] for i in lost if self.sources[i].config.live}
         for state in states:
-            if state.finished:
+            if state.finished and state.config.id in self.sources:  # not ended above (`_fail`)
                 self._end(state)
+
+    def _track(self, state: SourceState, results: list[FrameResult]) -> tuple[list[FrameResult], dict | None]:
+        """The results to write after `state.last_written`, and the tracker snapshot to write with them (None:
+        tracking is off for the source; the workers' low-score candidates are then dropped here)."""
+        if state.tracking is not None:
+            return state.tracking.track(results, state.last_written,
+                                        lambda: self.sink.tracker_state(state.config.id))
+        threshold = self.config.model.threshold
+        if candidate_threshold(self.config) >= threshold:
+            return results, None
+        return [r.model_copy(update={"detections": [d for d in r.detections if d.score >= threshold]})
+                for r in results], None
 
     def _written(self, state: SourceState, results: list[FrameResult]) -> None:
         state.written(results)
@@ -410,6 +448,15 @@ class Job:
             self.remove_source(message.source_id)
         elif isinstance(message, Stop):
             self.stop()
+
+
+def candidate_threshold(config: PipelineConfig) -> float:
+    """The score down to which workers keep detections: tracking.low_threshold when a source may be tracked (the
+    tracker's second stage needs the low-score ones), else model.threshold. A source added later with `tracking`
+    on while `tracking.enabled` is off gets no low-score candidates: its tracks are not bridged by them."""
+    if config.tracking.enabled or any(config.tracks(source) for source in config.sources):
+        return min(config.model.threshold, config.tracking.low_threshold)
+    return config.model.threshold
 
 
 def _expected_frames(source: SourceConfig, details: dict) -> int | None:

@@ -32,6 +32,9 @@ class Detection(BaseModel):
     box: tuple[float, float, float, float] = Field(description="[x0, y0, x1, y1] in source-frame pixels")
     mask: RLE | None = Field(None, description="instance mask in source-frame pixels when model.instance_masks is "
                                                "on; None when off or when its query got no mask")
+    track_id: int | None = Field(
+        None, description="identity of the object across frames, unique within the source and never reused; null "
+        "when tracking is off, for a detection not (yet) in a confirmed track, and for stuff classes")
 
 
 class Segment(BaseModel):
@@ -49,6 +52,36 @@ class Panoptic(BaseModel):
     segments: list[Segment]
 
 
+class LineCount(BaseModel):
+    name: str = Field(description="the line's name in the source's config")
+    counts_in: dict[str, int] = Field(description="objects that crossed to the line's `in` side since the source "
+                                                  "started, per class label_name")
+    counts_out: dict[str, int] = Field(description="objects that crossed to its other side, per class label_name")
+
+
+class ZoneOccupancy(BaseModel):
+    name: str = Field(description="the zone's name in the source's config")
+    occupancy: dict[str, int] = Field(description="tracked objects inside the zone in this frame, per class "
+                                                  "label_name")
+
+
+class TrackEvent(BaseModel):
+    """Something that happened to a track in this frame; written once, with its frame."""
+    type: Literal["track_started", "track_ended", "line_crossed", "zone_entered", "zone_left"]
+    track_id: int
+    label_name: str
+    line: str | None = Field(None, description="line_crossed: the line's name")
+    zone: str | None = Field(None, description="zone_entered / zone_left: the zone's name")
+    direction: Literal["in", "out"] | None = Field(None, description="line_crossed: to the `in` side or out of it")
+    dwell_s: float | None = Field(None, description="zone_left: seconds the object spent in the zone")
+
+
+class Analytics(BaseModel):
+    lines: list[LineCount] = Field(description="cumulative counts of every configured line")
+    zones: list[ZoneOccupancy] = Field(description="current occupancy of every configured zone")
+    events: list[TrackEvent] = Field(description="this frame's events, in a deterministic order")
+
+
 class FrameResult(BaseModel):
     v: Literal[1] = WIRE_VERSION
     source_id: str
@@ -62,11 +95,14 @@ class FrameResult(BaseModel):
     panoptic: Panoptic | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
     error: str | None = Field(None, description="set when the result was replaced (e.g. too large): what and why")
+    analytics: Analytics | None = Field(None, description="line counts, zone occupancy and track events; None when "
+                                                          "tracking is off for the source")
 
 
 class Event(BaseModel):
     v: Literal[1] = WIRE_VERSION
-    type: Literal["started", "reconnecting", "recovered", "error", "eos", "dropped", "corrupt", "lost"]
+    type: Literal["started", "reconnecting", "recovered", "error", "eos", "dropped", "corrupt", "lost",
+                  "auth_failed"]
     source_id: str | None = None
     at: float = Field(default_factory=time.time, description="unix time of the event")
     message: str = ""

@@ -76,12 +76,16 @@ class SourceState:
     home: str  # node id of the workers that serve it (pipeline/placement.py)
     last_written: int | None = None  # frame index of its last frame in Redis
     status: Status = "running"
+    auth_failed: bool = False  # the camera refused our credentials and has not accepted them since (the summary)
     read: Any = None  # [info_ref, frames_ref] of the outstanding read()
     pending: deque[Chunk] = field(default_factory=deque)  # read but not yet written, in frame order
     decoded_all: bool = False  # the current decoder has reported its last frame
     next_index: int = field(init=False)  # after the last frame read: where a new decoder starts
     decoder_start: int = field(init=False)  # the first frame index of the current decoder
     restarts: int = 0  # decoders recreated after a failure that counts against decoder.max_restarts
+    # Its tracker (pipeline/source_tracking.py) when tracking is on, None when off: it follows `last_written` on
+    # its own (it sees results as they are taken for writing), so no transition here touches it.
+    tracking: Any = None
     # The job's reporting, no part of the state machine:
     progress: Any = None  # its tqdm bar, if any
     last_drop_event: float = 0.0  # when the job last sent a `dropped` event for it

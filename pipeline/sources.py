@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-# Files and HTTP(S) are finite: every frame is processed (`block` policy). RTSP and MPEG-TS over UDP/TCP are live:
-# the newest frame matters more than completeness (`drop_oldest`), and a lost connection is retried.
+# Files and HTTP(S) are finite: every frame is processed (`block` policy). RTSP, MPEG-TS over UDP/TCP and HLS
+# playlists (an HTTP(S) URL whose path ends in `.m3u8`) are live: the newest frame matters more than completeness
+# (`drop_oldest`), and a lost connection is retried. A playlist that turns out finished (VOD, `#EXT-X-ENDLIST`)
+# ends at its end like a file (pipeline/decoder.py).
 FILE_SCHEMES = ("file", "http", "https")
 LIVE_SCHEMES = ("rtsp", "rtsps", "udp", "tcp")
 ALLOWED_SCHEMES = FILE_SCHEMES + LIVE_SCHEMES
+HLS_SUFFIX = ".m3u8"
 # A URL's user info runs from `://` to the last `@` before the path, query or fragment, as FFmpeg splits it.
 _CREDENTIALS = re.compile(r"(?<=://)[^/?#\s\"']*@")
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -36,8 +39,12 @@ class SourceUrl:
     target: str  # what av.open receives: a local path or the URL itself
 
     @property
+    def hls(self) -> bool:
+        return self.scheme in ("http", "https") and urlsplit(self.target).path.lower().endswith(HLS_SUFFIX)
+
+    @property
     def live(self) -> bool:
-        return self.scheme in LIVE_SCHEMES
+        return self.scheme in LIVE_SCHEMES or self.hls
 
 
 def parse_source_url(url: str) -> SourceUrl:
@@ -112,13 +119,35 @@ def redact(text: str) -> str:
     return _CREDENTIALS.sub("***@", text)
 
 
-def open_options(source: SourceUrl) -> dict[str, str]:
-    """FFmpeg demuxer/protocol options for one kind of source (passed as `av.open(..., options=...)`)."""
+def transports(source: SourceUrl, setting: str) -> tuple[str | None, ...]:
+    """The RTSP lower transports to try, in order, for a source's `transport` setting (None: not RTSP).
+
+    `auto` tries TCP, then UDP when the server answers that it does not offer TCP (461 Unsupported Transport, which
+    FFmpeg reports at once as "Protocol not supported"). TCP first because it loses no packets and passes NATs and
+    firewalls; FFmpeg's own order, UDP first, finds no packets behind a NAT and waits for its timeout before it
+    falls back, which our read timeout cuts short (docs/streaming-notes.md §7). RTSPS carries the media in its TLS
+    connection: TCP only."""
+    if source.scheme == "rtsps":
+        return ("tcp",)
+    if source.scheme != "rtsp":
+        return (None,)
+    return ("tcp", "udp") if setting == "auto" else (setting,)
+
+
+def open_options(source: SourceUrl, transport: str | None = None, ca_file: str | None = None) -> dict[str, str]:
+    """FFmpeg demuxer/protocol options for one kind of source (passed as `av.open(..., options=...)`): `transport`
+    is one of `transports(source, ...)`, `ca_file` the CA certificates a TLS server is verified against (None:
+    the system's)."""
     options = {"protocol_whitelist": PROTOCOL_WHITELIST[source.scheme]}
-    if source.scheme in ("rtsp", "rtsps"):
-        # TCP interleaving: UDP RTP loses packets and times out on reconnect (DeepStream select-rtp-protocol=4).
-        options["rtsp_transport"] = "tcp"
-    elif source.live:
+    if source.scheme in ("https", "rtsps"):
+        options["tls_verify"] = "1"  # FFmpeg's default is to accept any certificate
+        if ca_file:
+            options["ca_file"] = ca_file
+    if transport is not None:
+        # The SDP names the codec; 1 s of stream is enough for the size and frame rate (FFmpeg's 5 s default made
+        # every open and reconnect ~2 s slower: docs/streaming-notes.md §7).
+        options.update({"rtsp_transport": transport, "analyzeduration": "1000000"})
+    elif source.live and not source.hls:
         # Live MPEG-TS: start decoding at once instead of buffering seconds of stream to probe it.
         options.update({"fflags": "nobuffer", "analyzeduration": "1000000", "probesize": "500000"})
     return options

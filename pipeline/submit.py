@@ -14,6 +14,7 @@ import re
 import sys
 from pathlib import Path
 
+from pipeline import analytics_flags
 from pipeline.config import ConfigError, load_config
 from pipeline.redis_server import DEFAULT_HOST, DEFAULT_PORT
 from pipeline.schema import AddSource
@@ -28,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source-id", required=True, metavar="ID", help="stream id: results go to <prefix>:frames:ID")
     parser.add_argument("--fps", type=float, help="sample the source at most at this rate")
     parser.add_argument("--policy", choices=("block", "drop_oldest"), help="backpressure (default: by source kind)")
+    parser.add_argument("--no-tracking", action="store_true",
+                        help="no tracker for this source: track_id and analytics are null")
+    analytics_flags.add_arguments(parser, per_source=False)
     parser.add_argument("--redis-url",
                         help="the pipeline's redis://, rediss:// or redis+sentinel:// URL (default: the local server)")
     parser.add_argument("--prefix", help=f"key prefix of the running pipeline (default: {DEFAULT_PREFIX})")
@@ -38,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    source = {"id": args.source_id, "url": args.source, "fps": args.fps, "policy": args.policy}
+    source = {"id": args.source_id, "url": args.source, "fps": args.fps, "policy": args.policy,
+              "tracking": False if args.no_tracking else None, "lines": args.line, "zones": args.zone}
     redis = {key: value for key, value in (("url", args.redis_url), ("prefix", args.prefix)) if value is not None}
     try:
         # The pipeline's own validation: a bad id, URL or fps never reaches the stream.

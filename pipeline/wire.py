@@ -26,6 +26,13 @@ def control_key(prefix: str) -> str:
     return f"{prefix}:control"
 
 
+def state_key(prefix: str, source_id: str) -> str:
+    """A tracked source's tracker state: JSON `{"frame_index": i, "snapshot": {...}}`, the state after frame `i`,
+    set by the same Lua call that appends frame `i` to the frames stream (pipeline/sink.py), so it always matches
+    the stream's last frame. The job reads it back wherever it resumes the source."""
+    return f"{prefix}:state:{source_id}"
+
+
 # Entry IDs of a frames stream are set by the producer, never by Redis: frame `i` is `<i+1>-0`, and the `eos`
 # entry is `<last+1>-1` right after the last frame `last` (`0-1` when the source had no frame). The 1-based frame
 # index in the ms part makes IDs grow strictly with the frame index and never depend on clocks (pipeline/sink.py

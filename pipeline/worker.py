@@ -3,7 +3,9 @@
 Frames arrive as the decoders send them (pipeline/decoder.py): RGB at model input size, or YUV 4:2:0 planes that
 the worker converts (model/yuv.py) and the processor resizes, on the worker's device.
 
-`Detector` is the model + processor + post-processing without Ray (also used by `cdetr detect`);
+`Detector` is the model + processor + post-processing without Ray (also used by `cdetr detect`); the model is
+PyTorch's or, with `model.runtime`, the exported detector in ONNX Runtime or OpenVINO (model/runtime.py), between
+the same pre- and post-processing;
 `DetectorWorker` is the Ray actor around it that also fills in the per-frame metadata and timings.
 """
 import base64
@@ -15,9 +17,12 @@ import torch
 
 from model import ConditionalDetrForSegmentation, ConditionalDetrImageProcessor
 from model.coco_format import panoptic_to_coco
+from model.export import cached_export
 from model.image_size import get_resize_output_size
 from model.optimize import InferenceOptions, frames_to_device, optimize
 from model.post_processing import post_process_detection_masks
+from model.precision import TORCH_DTYPES, Hardware, detect_hardware, resolve_precision
+from model.runtime import ExportedDetector
 from model.segmentation import has_panoptic_head, load_detector
 from model.yuv import yuv420_to_rgb
 from pipeline.config import ModelSettings
@@ -53,21 +58,41 @@ def load_model(settings: ModelSettings) -> torch.nn.Module:
     return load_detector(settings.path)
 
 
-def inference_options(settings: ModelSettings, batch_size: int | None = None) -> InferenceOptions:
+def inference_options(settings: ModelSettings, batch_size: int | None = None,
+                      hardware: Hardware | None = None) -> InferenceOptions:
     """The model settings' speed switches as `optimize` takes them; `batch_size`: the largest batch the model
-    will be given (a compiled backbone pads smaller ones to it: one compiled shape per frame size)."""
+    will be given (a compiled backbone pads smaller ones to it: one compiled shape per frame size); `hardware`:
+    what `precision: auto` is resolved for (None: this machine's CPU)."""
+    precision = resolve_precision(settings.precision, hardware or detect_hardware("cpu"), settings.runtime)
     return InferenceOptions(compile=settings.compile, batch_size=batch_size if settings.compile else None,
-                            dtype=None if settings.autocast is None else getattr(torch, settings.autocast))
+                            dtype=TORCH_DTYPES[precision])
+
+
+def load_inference_model(settings: ModelSettings, device: torch.device, batch_size: int | None = None
+                         ) -> torch.nn.Module | ExportedDetector:
+    """The model as `model.runtime` runs it, called alike: (pixel_values, pixel_mask) -> outputs with `logits` and
+    `pred_boxes` (and masks from a torch segmentation model); its `config` holds the labels."""
+    hardware = detect_hardware(device)
+    model = load_model(settings)
+    if settings.runtime == "torch":
+        # Batch norm folded into the convs, channels-last backbone: same outputs (1e-4), 1.4x faster on CPU
+        # (bench/RESULTS.md); optimize() also puts the model in eval mode.
+        return optimize(model.to(device), inference_options(settings, batch_size, hardware))
+    graph = cached_export(model, settings.path, settings.export_cache.expanduser())
+    precision = resolve_precision(settings.precision, hardware, settings.runtime)
+    return ExportedDetector(graph, model.config, settings.runtime, precision, torch.get_num_threads())
 
 
 class Detector:
-    def __init__(self, settings: ModelSettings, device: str = "cpu", batch_size: int | None = None):
+    def __init__(self, settings: ModelSettings, device: str = "cpu", batch_size: int | None = None,
+                 candidate_threshold: float | None = None):
         self.settings = settings
+        # Detections are kept down to this score (None: model.threshold). With tracking on it is lower: the
+        # tracker's second stage continues tracks with low-score detections, and drops the others (pipeline/runner.py).
+        self.candidate_threshold = settings.threshold if candidate_threshold is None else candidate_threshold
         self.device = torch.device(device)
         self.processor = load_processor(settings)
-        # Batch norm folded into the convs, channels-last backbone: same outputs (1e-4), 1.4x faster on CPU
-        # (bench/RESULTS.md); optimize() also puts the model in eval mode.
-        self.model = optimize(load_model(settings).to(self.device), inference_options(settings, batch_size))
+        self.model = load_inference_model(settings, self.device, batch_size)
         self.id2label: dict[int, str] = self.model.config.id2label
         # Merged into one panoptic segment per class; a checkpoint that does not record them fuses nothing.
         self.stuff = set(self.model.config.stuff_labels)
@@ -88,14 +113,14 @@ class Detector:
         # The mask head computes masks only for the queries that can pass the threshold (pruned inference): every
         # detection's query is among them (barring exact score ties), since a query's best class score is at least
         # its detection's score; a detection whose query got no mask has mask None.
-        pruning = {"score_threshold": self.settings.threshold, "top_k": self.settings.top_k} \
+        pruning = {"score_threshold": self.candidate_threshold, "top_k": self.settings.top_k} \
             if self.settings.needs_masks else {}
         outputs = self.model(inputs["pixel_values"], inputs["pixel_mask"] if padded else None, **pruning)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         inferred = time.perf_counter()
         detections = self.processor.post_process_object_detection(
-            outputs, threshold=self.settings.threshold, target_sizes=source_sizes, top_k=self.settings.top_k)
+            outputs, threshold=self.candidate_threshold, target_sizes=source_sizes, top_k=self.settings.top_k)
         masks = post_process_detection_masks(outputs, detections, target_sizes=source_sizes,
                                              processed_sizes=processed) if self.settings.instance_masks \
             else [[None] * len(d["scores"]) for d in detections]
@@ -129,10 +154,11 @@ class Detector:
 class DetectorWorker:
     """Ray actor: one model per worker; `num_gpus` comes from the actor options, CPU when there is no GPU."""
 
-    def __init__(self, settings: ModelSettings, num_threads: int = 1, max_batch_size: int | None = None):
+    def __init__(self, settings: ModelSettings, num_threads: int = 1, max_batch_size: int | None = None,
+                 candidate_threshold: float | None = None):
         torch.set_num_threads(max(1, num_threads))
         device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
-        self.detector = Detector(settings, device, max_batch_size)
+        self.detector = Detector(settings, device, max_batch_size, candidate_threshold)
 
     def infer(self, infos: list[ChunkInfo], *chunks: np.ndarray) -> list[list[FrameResult]]:
         """One batch: chunk `i` holds the frames of `infos[i]`. Returns FrameResults per chunk, in order."""

@@ -104,7 +104,7 @@ def test_the_independent_renderers_images(holdout_set: Path):
 
 def test_bfloat16_autocast_keeps_the_accuracy(square_set: Path, square_fp32: dict, video_set: Path,
                                               video_fp32: dict):
-    """`model.autocast: bfloat16` (the pipeline's fastest switch on some CPUs) changes logits by ~1e-2; what counts
+    """`model.precision: bf16` (the pipeline's fastest switch on some CPUs) changes logits by ~1e-2; what counts
     is that the task metrics stay where float32 puts them, both measured here, on this machine."""
     for data, panoptic, fp32 in ((square_set, True, square_fp32), (video_set, False, video_fp32)):
         bf16 = _evaluate(data, panoptic, InferenceOptions(dtype=torch.bfloat16))

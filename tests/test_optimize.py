@@ -19,6 +19,7 @@ from model.backbone import ConvEncoder, FrozenBatchNorm2d
 from model.conditional_detr import ConditionalDetrForObjectDetection
 from model.config import ConditionalDetrConfig
 from model.optimize import InferenceOptions, fold_batch_norm, frames_to_device, optimize
+from model.precision import Hardware, auto_precision, detect_hardware, resolve_precision
 from model.segmentation import ConditionalDetrForSegmentation
 
 TOLERANCE = 1e-4
@@ -140,3 +141,30 @@ def test_frames_to_device_copies_read_only_frames():
     assert np.array_equal(moved.numpy(), frames)
     moved[0, 0, 0, 0] = 255  # a copy: writable, and the source is untouched
     assert frames[0, 0, 0, 0] == 0
+
+
+@pytest.mark.parametrize("hardware, runtime, expected", [
+    (Hardware("cpu", frozenset({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})), "torch", "bf16"),
+    (Hardware("cpu", frozenset({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})), "openvino", "bf16"),
+    (Hardware("cpu", frozenset({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})), "onnxruntime", "fp32"),
+    (Hardware("cpu", frozenset({"avx512f", "avx512_bf16"})), "torch", "fp32"),  # bf16 faster on some, slower on others
+    (Hardware("cpu", frozenset({"avx2", "fma"})), "torch", "fp32"),
+    (Hardware("cpu"), "openvino", "fp32"),  # flags unknown (not Linux): nothing fast is assumed
+    (Hardware("cuda", cuda_capability=(9, 0)), "torch", "bf16"),
+    (Hardware("cuda", cuda_capability=(7, 5)), "torch", "fp32"),
+], ids=["amx", "amx-openvino", "amx-onnxruntime", "avx512_bf16", "avx2", "unknown", "hopper", "turing"])
+def test_auto_precision_follows_the_hardware(hardware, runtime, expected):
+    assert auto_precision(hardware, runtime) == expected
+    assert resolve_precision("auto", hardware, runtime) == expected
+    assert resolve_precision("fp16", hardware, runtime) == "fp16"  # a named precision is taken as given
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu avx512_bf16 amx_bf16 amx_tile\n\n"
+                       "processor\t: 1\nflags\t\t: fpu\n")
+    hardware = detect_hardware("cpu", cpuinfo)
+    assert hardware.cpu_flags == {"fpu", "avx512_bf16", "amx_bf16", "amx_tile"} and hardware.cpu_kind == "amx"
+    assert detect_hardware("cpu", tmp_path / "missing").cpu_kind == "none"
+    # This machine's own answer, whatever it is, is one of the three kinds.
+    assert detect_hardware("cpu").cpu_kind in ("amx", "avx512_bf16", "none")

@@ -23,9 +23,9 @@ def test_speed_switches_from_the_command_line_reach_the_model_options():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     default = load_config(env={}, overrides=_overrides(parser.parse_args(["a.mp4"]))).model
-    assert (default.autocast, default.compile) == (None, False)
+    assert (default.precision, default.compile, default.runtime) == ("fp32", False, "torch")
     assert inference_options(default).dtype is None and not inference_options(default).compile
-    args = parser.parse_args(["a.mp4", "--autocast", "bfloat16", "--compile"])
+    args = parser.parse_args(["a.mp4", "--precision", "bf16", "--compile"])
     options = inference_options(load_config(env={}, overrides=_overrides(args)).model, batch_size=8)
     assert options.dtype is torch.bfloat16 and options.compile
     assert options.batch_size == 8  # a compiled backbone pads every batch to the workers' largest
@@ -42,4 +42,4 @@ def test_cdetr_schema_prints_json_schema(capsys):
     assert main(["schema", "event"]) == 0
     event = json.loads(capsys.readouterr().out)
     assert event["properties"]["type"]["enum"] == ["started", "reconnecting", "recovered", "error", "eos", "dropped",
-                                                 "corrupt", "lost"]
+                                                 "corrupt", "lost", "auth_failed"]

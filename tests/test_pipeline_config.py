@@ -31,7 +31,11 @@ def test_layers_file_then_env_then_overrides(tmp_path):
     ({"sources": [{"id": "a", "url": "a.mp4"}, {"id": "a", "url": "b.mp4"}]}, "duplicate source ids: a"),
     ({"redis": {"url": "http://redis:6379"}}, "redis.url"),
     ({"model": {"threshold": 1.5}}, "model.threshold"),
-    ({"model": {"autocast": "int8"}}, "model.autocast"),
+    ({"model": {"precision": "int8"}}, "model.precision"),
+    ({"model": {"autocast": "bfloat16"}}, "autocast was replaced by precision"),
+    ({"model": {"runtime": "openvino", "panoptic": True}}, "mask head, which is not exported"),
+    ({"model": {"runtime": "onnxruntime", "precision": "bf16"}}, "fp32 only"),
+    ({"model": {"runtime": "openvino"}, "workers": {"num_gpus": 1}}, "runs on CPU workers"),
     ({"decoder": {"output": "nv12"}}, "decoder.output"),
 ])
 def test_invalid_config_names_the_field(data, field):

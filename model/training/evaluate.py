@@ -171,7 +171,8 @@ def evaluate(model, processor, data_dir: str | Path, batch_size: int = 8, device
     data_dir = Path(data_dir)
     coco = json.loads((data_dir / "annotations.json").read_text())
     panoptic_json = data_dir / "panoptic.json"
-    model.eval().to(device)
+    if isinstance(model, torch.nn.Module):  # not an exported graph's runtime (model/runtime.py)
+        model.eval().to(device)
     detections, instances, panoptic_pairs = [], [], []
     panoptic = json.loads(panoptic_json.read_text()) if panoptic_json.is_file() else None
     panoptic_by_image = {a["image_id"]: a for a in panoptic["annotations"]} if panoptic else {}
@@ -225,25 +226,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "precision, recall)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--autocast", choices=["bfloat16", "float16"],
-                        help="evaluate the model as the pipeline runs it with model.autocast: optimize() (batch norm "
-                        "folded, channels-last) and autocast to this dtype")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="evaluate the model as the pipeline runs it with model.precision: optimize() (batch "
+                        "norm folded, channels-last) and autocast to bf16 / fp16 (auto: model/precision.py)")
+    parser.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"], default="torch",
+                        help="evaluate the detector as the pipeline runs it with model.runtime: exported to ONNX "
+                        "(model/export.py) and run in ONNX Runtime or OpenVINO at --precision (CPU; not --panoptic)")
     parser.add_argument("--out", help="also write the metrics JSON to this file")
 
 
 def run(args: argparse.Namespace) -> int:
     """`cdetr eval`: print the metrics as JSON."""
     from model import ConditionalDetrForSegmentation, ConditionalDetrImageProcessor
+    from model.export import export_detector
     from model.optimize import InferenceOptions, optimize
+    from model.precision import TORCH_DTYPES, detect_hardware, resolve_precision
+    from model.runtime import ExportedDetector
     from model.segmentation import load_detector
     from model.training.shapes import video_to_dataset
 
     model = (ConditionalDetrForSegmentation.from_pretrained(args.model) if args.panoptic
              else load_detector(args.model)).to(args.device)
-    if args.autocast:
-        model = optimize(model, InferenceOptions(dtype=getattr(torch, args.autocast)))
+    precision = resolve_precision(args.precision or "fp32", detect_hardware(args.device), args.runtime)
+    if args.runtime != "torch" and (args.panoptic or args.device != "cpu"):
+        raise SystemExit(f"--runtime {args.runtime} runs the exported detector on the CPU: no --panoptic (the mask "
+                         "head is not exported), --device cpu")
+    if args.runtime == "torch" and args.precision:
+        model = optimize(model, InferenceOptions(dtype=TORCH_DTYPES[precision]))
     processor = ConditionalDetrImageProcessor.from_pretrained(args.model)
     with tempfile.TemporaryDirectory() as frames:
+        if args.runtime != "torch":
+            graph = export_detector(model, Path(frames) / "detector.onnx").path
+            model = ExportedDetector(graph, model.config, args.runtime, precision, torch.get_num_threads())
         if len(args.data) == 1 and Path(args.data[0]).is_dir():
             data = args.data[0]
         elif all(Path(path).is_file() for path in args.data):

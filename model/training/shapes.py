@@ -155,18 +155,20 @@ def random_scene(rng: np.random.Generator, width: int, height: int, max_objects:
     return Scene(stuff_texture(rng, stuff_map), stuff_map, shapes)
 
 
-def advance(scene: Scene) -> Scene:
-    """Move every shape by one frame: constant velocity and spin, bouncing off the frame edges."""
+def advance(scene: Scene, margin: float = 0.0) -> Scene:
+    """Move every shape by one frame: constant velocity and spin, bouncing off walls `margin` pixels outside the
+    frame edges (0: the edges; beyond a shape's diameter, shapes leave the view and come back)."""
     width, height = scene.size
     moved = []
     for shape in scene.shapes:
         (x, y), (vx, vy), r = shape.center, shape.velocity, shape.radius
         x, y = x + vx, y + vy
-        # Reflect the position and the velocity at a wall so the motion stays smooth and inside the frame.
-        if x < r or x > width - r:
-            vx, x = -vx, (2 * r - x if x < r else 2 * (width - r) - x)
-        if y < r or y > height - r:
-            vy, y = -vy, (2 * r - y if y < r else 2 * (height - r) - y)
+        low, right, bottom = r - margin, width - r + margin, height - r + margin
+        # Reflect the position and the velocity at a wall so the motion stays smooth.
+        if x < low or x > right:
+            vx, x = -vx, (2 * low - x if x < low else 2 * right - x)
+        if y < low or y > bottom:
+            vy, y = -vy, (2 * low - y if y < low else 2 * bottom - y)
         moved.append(replace(shape, center=(x, y), velocity=(vx, vy), angle=shape.angle + shape.spin))
     return Scene(scene.background, scene.stuff_map, moved)
 
@@ -296,12 +298,16 @@ def _write_image(out_dir: Path, seed: int, image_id: int, width: int, height: in
 
 
 def write_sample_video(path: str | Path, seconds: float = 10.0, size: tuple[int, int] = (1280, 720), seed: int = 0,
-                       fps: int = 25) -> Path:
+                       fps: int = 25, max_objects: int = 6, speed: float = 1.0, margin: float = 0.0) -> Path:
     """Encode an H.264 MP4 of moving shapes and write its per-frame ground truth to `<path>.gt.json`.
+
+    `max_objects`, `speed` (a factor on the default speed) and `margin` (see `advance`: shapes leave the view and
+    come back) make harder tracking scenes: more occlusions, crossing paths, exits and re-entries.
 
     The MP4 is written with `+faststart` (index at the front) so it can be streamed over HTTP. Ground truth:
     {"fps", "width", "height", "categories", "frames": [{"frame_index", "pts", "objects": [...]}]} with the
-    detection annotations of `render` (without RLE, to keep the file small); `track` follows a shape across frames.
+    detection annotations of `render` (without RLE, to keep the file small); `track` follows a shape across frames,
+    and `full_bbox` ([x, y, w, h], possibly beyond the frame) is the whole shape's box, occluded parts included.
     """
     import av  # here, not at the top: `model` must import without PyAV
 
@@ -310,8 +316,8 @@ def write_sample_video(path: str | Path, seconds: float = 10.0, size: tuple[int,
     width, height = _size(size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    scene = random_scene(np.random.default_rng(seed), width, height,
-                         max_speed=0.01 * min(width, height) * 25 / fps)
+    scene = random_scene(np.random.default_rng(seed), width, height, max_objects=max_objects,
+                         max_speed=0.01 * min(width, height) * 25 / fps * speed)
     frames = []
     with av.open(str(path), mode="w", options={"movflags": "+faststart"}) as container:
         stream = container.add_stream("libx264", rate=fps)
@@ -322,13 +328,19 @@ def write_sample_video(path: str | Path, seconds: float = 10.0, size: tuple[int,
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts = index
             container.mux(stream.encode(frame))
-            objects = [{k: v for k, v in obj.items() if k != "segmentation"} for obj in truth["objects"]]
+            objects = [{**{k: v for k, v in obj.items() if k != "segmentation"},
+                        "full_bbox": _full_bbox(scene.shapes[obj["track"]])} for obj in truth["objects"]]
             frames.append({"frame_index": index, "pts": index / fps, "objects": objects})
-            scene = advance(scene)
+            scene = advance(scene, margin)
         container.mux(stream.encode(None))
     gt = {"fps": fps, "width": width, "height": height, "categories": CATEGORIES, "frames": frames}
     Path(f"{path}.gt.json").write_text(json.dumps(gt))
     return path
+
+
+def _full_bbox(shape: Shape) -> list[float]:
+    xs, ys = zip(*shape_polygon(shape))
+    return [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
 
 
 def video_to_dataset(videos: list[str | Path], out_dir: str | Path) -> Path:
