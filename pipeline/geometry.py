@@ -1,7 +1,10 @@
 """Plane geometry of counting lines and zones, in source-frame pixels (y grows downwards, as in images).
 
-Pure functions on plain tuples: the config validates with them and the analytics count with them.
+Pure functions on plain tuples (numpy arrays for many points at once): the config validates with them and the
+analytics count with them.
 """
+import numpy as np
+
 Point = tuple[float, float]
 
 
@@ -49,11 +52,20 @@ def is_simple_polygon(polygon: list[Point]) -> bool:
     return True
 
 
-def point_in_polygon(point: Point, polygon: list[Point]) -> bool:
-    """Even-odd ray casting; a point exactly on an edge may fall either way, consistently for the same input."""
-    x, y = point
-    inside = False
-    for (x0, y0), (x1, y1) in zip(polygon, polygon[1:] + polygon[:1]):
-        if (y0 > y) != (y1 > y) and x < x0 + (y - y0) * (x1 - x0) / (y1 - y0):
-            inside = not inside
-    return inside
+def polygon_edges(polygon: list[Point]) -> np.ndarray:
+    """(4, edges, 1): x0, y0, y1 and dx/dy of each edge (x0, y0) -> (x1, y1), the last back to the first; dx/dy
+    is 0 for a horizontal edge (no ray crosses it). Computed once per zone for `points_in_polygon`."""
+    x0, y0 = np.array(polygon, dtype=np.float64).T
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    slope = np.divide(x1 - x0, y1 - y0, out=np.zeros_like(x0), where=y1 != y0)
+    return np.stack([x0, y0, y1, slope])[:, :, None]
+
+
+def points_in_polygon(x: np.ndarray, y: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Which of the points (`x`, `y`) are inside the polygon of `edges` (polygon_edges): even-odd ray casting,
+    all points and edges at once. A point exactly on an edge may fall either way, consistently for the same
+    input."""
+    x0, y0, y1, slope = edges
+    # The ray from the point to the left crosses an edge that spans the point's row (never a horizontal one).
+    crossings = ((y0 > y) != (y1 > y)) & (x < x0 + (y - y0) * slope)  # (edges, points)
+    return np.count_nonzero(crossings, axis=0) % 2 == 1

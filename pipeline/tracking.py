@@ -71,7 +71,7 @@ class SourceTracker:
         self.clock = FrameClock()
         self.lines = [LineCounter(line) for line in source.lines]
         self.zones = [ZoneMonitor(zone) for zone in source.zones]
-        self.names: dict[int, str] = {}  # confirmed track ID -> class name, for its events
+        self.label_names: dict[int, str] = {}  # label -> label_name, of the classes seen
         self.frame_index = -1
         if snapshot is not None:
             self._restore(snapshot)
@@ -84,37 +84,50 @@ class SourceTracker:
                              f"{self.frame_index}; the tracker takes frames in order, each once")
         self.frame_index = result.frame_index
         steps = self.clock.tick(result.pts, result.frame_index)
-        now = self.clock.now
-        candidates = sorted((i for i, d in enumerate(result.detections)
-                             if d.label not in self.stuff_labels and d.score >= self.settings.low_threshold),
-                            key=lambda i: _order(result.detections[i]))
-        dets = [result.detections[i] for i in candidates]
-        boxes = np.array([d.box for d in dets], dtype=np.float64).reshape(-1, 4)
-        scores = np.array([d.score for d in dets], dtype=np.float64)
-        labels = np.array([d.label for d in dets], dtype=np.int64)
-        ids, started, ended = self.tracker.update(boxes, scores, labels, steps, now)
-        track_of = dict(zip(candidates, ids.tolist()))
-
+        candidates, table = self._candidates(result.detections)
+        rows, started, ended = self.tracker.update(table[:, 2:], table[:, 0], table[:, 1].astype(np.int64), steps,
+                                                   self.clock.now)
+        names = [self.label_names[label] for label in self.tracker.labels().tolist()]  # per track row
+        track_ids = np.append(self.tracker.tracks.track_id, 0)[rows]  # row -1 (no track): 0
         events = self._ended(ended)
-        observed = sorted((track_id, dets[k]) for k, track_id in enumerate(ids.tolist()) if track_id)
-        started_set = set(started)
-        for track_id, det in observed:
-            self.names[track_id] = det.label_name
-            if track_id in started_set:
-                events.append(TrackEvent(type="track_started", track_id=track_id, label_name=det.label_name))
-            events += self._observe(track_id, det, now)
+        seen = np.flatnonzero(track_ids)
+        seen = seen[np.argsort(track_ids[seen])]  # by ID: events come in ID order
+        events += self._observe(track_ids[seen].tolist(), rows[seen], [names[r] for r in rows[seen].tolist()],
+                                table[seen, 2:], started)
+        return result.model_copy(update={"detections": self._kept(result.detections, candidates, track_ids),
+                                         "analytics": self._analytics(events, names)})
 
+    def _candidates(self, detections: list[Detection]) -> tuple[list[int], np.ndarray]:
+        """The indices of the detections to track, in tie-break order (score descending, then class, then box),
+        and their (score, label, x0, y0, x1, y1) rows."""
+        candidates = [i for i, d in enumerate(detections)
+                      if d.label not in self.stuff_labels and d.score >= self.settings.low_threshold]
+        for i in candidates:
+            self.label_names.setdefault(detections[i].label, detections[i].label_name)
+        table = np.array([(detections[i].score, detections[i].label, *detections[i].box) for i in candidates],
+                         dtype=np.float64).reshape(-1, 6)
+        order = np.lexsort((*table[:, 5:1:-1].T, table[:, 1], -table[:, 0]))  # the last key sorts first
+        return [candidates[k] for k in order.tolist()], table[order]
+
+    def _kept(self, detections: list[Detection], candidates: list[int], track_ids: np.ndarray) -> list[Detection]:
+        """The detections to output: those at the model's threshold and those continuing a track, with their
+        track IDs (candidate k is detections[candidates[k]], in track track_ids[k], 0: none)."""
+        track_of = [None] * len(detections)
+        for i, track_id in zip(candidates, track_ids.tolist()):
+            track_of[i] = track_id or None
         kept = []
-        for i, det in enumerate(result.detections):
-            track_id = track_of.get(i, 0)
-            if det.score >= self.threshold or track_id:
-                kept.append(det.model_copy(update={"track_id": track_id or None}))
-        return result.model_copy(update={"detections": kept, "analytics": self._analytics(events)})
+        for det, track_id in zip(detections, track_of):
+            if track_id is None and det.score < self.threshold:
+                continue
+            if track_id != det.track_id:
+                det = Detection.model_validate({**det.__dict__, "track_id": track_id})  # 2x cheaper than model_copy
+            kept.append(det)
+        return kept
 
     def _ended(self, ended: list[tuple[int, int]]) -> list[TrackEvent]:
         events = []
-        for track_id, _ in sorted(ended):
-            name = self.names.pop(track_id)
+        for track_id, label in sorted(ended):
+            name = self.label_names[label]
             for zone in self.zones:
                 dwell = zone.end(track_id)
                 if dwell is not None:
@@ -125,31 +138,45 @@ class SourceTracker:
             events.append(TrackEvent(type="track_ended", track_id=track_id, label_name=name))
         return events
 
-    def _observe(self, track_id: int, det: Detection, now: float) -> list[TrackEvent]:
-        events = []
+    def _observe(self, ids: list[int], rows: np.ndarray, names: list[str], boxes: np.ndarray, started: np.ndarray
+                 ) -> list[TrackEvent]:
+        """The events of the tracks seen in this frame: IDs `ids` (ascending), at `rows` of the tracker, of
+        classes `names`, with `boxes`; `started`: the rows of the tracks confirmed in this frame."""
+        per_track: list[list[TrackEvent]] = [[] for _ in ids]
+        started_rows = set(started.tolist())
+        new = [k for k, row in enumerate(rows.tolist()) if row in started_rows]
+        for k in new:
+            per_track[k].append(TrackEvent(type="track_started", track_id=ids[k], label_name=names[k]))
+        if new and self.lines:
+            # A track crossing while still tentative counts once confirmed: the lines first see where it started.
+            first = self.tracker.tracks.first[rows[new]]
+            for line in self.lines:
+                line.observe([ids[k] for k in new], [names[k] for k in new], first)
         for line in self.lines:
-            direction = line.observe(track_id, det.label_name, det.box)
-            if direction is not None:
-                events.append(TrackEvent(type="line_crossed", track_id=track_id, label_name=det.label_name,
-                                         line=line.line.name, direction=direction))
+            for k, direction in line.observe(ids, names, boxes):
+                per_track[k].append(TrackEvent(type="line_crossed", track_id=ids[k], label_name=names[k],
+                                               line=line.line.name, direction=direction))
         for zone in self.zones:
-            change = zone.observe(track_id, det.label_name, det.box, now)
-            if change is not None:
-                events.append(TrackEvent(type=change[0], track_id=track_id, label_name=det.label_name,
-                                         zone=zone.zone.name, dwell_s=change[1]))
-        return events
+            for k, change, dwell in zone.observe(ids, names, boxes, self.clock.now):
+                per_track[k].append(TrackEvent(type=change, track_id=ids[k], label_name=names[k],
+                                               zone=zone.zone.name, dwell_s=dwell))
+        return [event for events in per_track for event in events]
 
-    def _analytics(self, events: list[TrackEvent]) -> Analytics:
+    def _analytics(self, events: list[TrackEvent], names: list[str]) -> Analytics:
+        """Counts, occupancy and `events`; `names`: the class name of each row of the tracker."""
+        if self.zones:
+            confirmed = self.tracker.tracks.track_id
+            names_of = {t: name for t, name in zip(confirmed.tolist(), names) if t}
         return Analytics(
             lines=[LineCount(name=c.line.name, counts_in=dict(sorted(c.counts_in.items())),
                              counts_out=dict(sorted(c.counts_out.items()))) for c in self.lines],
-            zones=[ZoneOccupancy(name=z.zone.name, occupancy=z.occupancy()) for z in self.zones],
+            zones=[ZoneOccupancy(name=z.zone.name, occupancy=z.occupancy(names_of)) for z in self.zones],
             events=events)
 
     def snapshot(self) -> dict:
         """The state as JSON-serialisable data: {"v": 1, "frame_index": last frame processed or -1, ...}."""
         return {"v": SNAPSHOT_VERSION, "frame_index": self.frame_index, "clock": self.clock.to_json(),
-                "tracker": self.tracker.to_json(), "names": sorted(self.names.items()),
+                "tracker": self.tracker.to_json(), "label_names": sorted(self.label_names.items()),
                 "lines": {c.line.name: c.to_json() for c in self.lines},
                 "zones": {z.zone.name: z.to_json() for z in self.zones}}
 
@@ -159,7 +186,7 @@ class SourceTracker:
         self.frame_index = int(snapshot["frame_index"])
         self.clock.restore(snapshot["clock"])
         self.tracker.restore(snapshot["tracker"])
-        self.names = {int(t): str(n) for t, n in snapshot["names"]}
+        self.label_names = {int(label): str(n) for label, n in snapshot["label_names"]}
         # A line or zone added to the config since the snapshot starts from zero; one removed is dropped.
         for counter in self.lines:
             if counter.line.name in snapshot["lines"]:
@@ -168,7 +195,3 @@ class SourceTracker:
             if zone.zone.name in snapshot["zones"]:
                 zone.restore(snapshot["zones"][zone.zone.name])
 
-
-def _order(det: Detection) -> tuple:
-    """The tie-break order of detections: score descending, then class, then box."""
-    return -det.score, det.label, det.box

@@ -198,8 +198,8 @@ def test_driver_worker_and_redis_failures_give_the_same_tracks_counts_and_events
         assert [tracking_of(r) for r in disturbed[:same]] == [tracking_of(r) for r in reference[:same]]
         if same == FRAMES:  # the tracker's state in Redis ends the same too: next ID, counts, tracks inside zones
             ours, theirs = (s.tracker_state("shapes")["snapshot"] for s in (sink, undisturbed))
-            assert (ours["tracker"]["next_id"], ours["lines"], ours["zones"], ours["names"]) == \
-                (theirs["tracker"]["next_id"], theirs["lines"], theirs["zones"], theirs["names"])
+            assert (ours["tracker"]["next_id"], ours["lines"], ours["zones"], ours["label_names"]) == \
+                (theirs["tracker"]["next_id"], theirs["lines"], theirs["zones"], theirs["label_names"])
     finally:
         if job is not None:
             stop_if_running(job, thread)

@@ -1,9 +1,11 @@
 """The per-source tracker and its line/zone analytics on hand-built detection sequences (pipeline/tracking.py)."""
 import json
 
+import numpy as np
 import pytest
 
 from pipeline.config import SourceConfig, TrackingConfig
+from pipeline.geometry import points_in_polygon, polygon_edges
 from pipeline.schema import Detection, FrameResult
 from pipeline.tracking import SourceTracker
 
@@ -102,12 +104,48 @@ def test_stuff_is_never_tracked_nor_counted():
 
 
 def test_classes_are_matched_separately():
-    # A square appears where a circle was: a different object, not the circle's track.
-    frames = [frame(i, [det(100, 200, label=1 if i < 5 else 2)]) for i in range(10)]
+    # A circle and a square side by side (IoU 0.25): each keeps a track of its class.
+    frames = [frame(i, [det(100 + 5 * i, 200, label=1), det(112 + 5 * i, 200, label=2)]) for i in range(10)]
     results = run(tracker(), frames)
-    assert ids(results[4]) == [1] and ids(results[9]) == [2]
-    merged = run(tracker(class_aware=False), frames)
-    assert ids(merged[9]) == [1]
+    assert ids(results[9]) == [1, 2]
+    assert {e["label_name"] for e in events(results, "track_started")} == {"circle", "square"}
+
+
+def test_a_class_flip_continues_the_track_and_the_vote_keeps_its_class():
+    # The model calls a circle a square for three frames (a look-alike) as it crosses the gate: no new track, and
+    # the track's class (the score-weighted vote of its detections) stays circle, in the counts and the events.
+    gate = {"name": "gate", "points": [[0, 200], [640, 200]], "in_side": "right"}
+    frames = [frame(i, [det(300, 150 + 5 * i, label=2 if 9 <= i < 12 else 1, score=0.6 if 9 <= i < 12 else 0.9)])
+              for i in range(20)]
+    results = run(tracker(source(lines=[gate])), frames)
+    assert {tuple(ids(r)) for r in results[1:]} == {(1,)}
+    assert [d.label_name for d in results[10].detections] == ["square"]  # the detection keeps the model's class
+    crossed = events(results, "line_crossed")
+    assert [(e["frame"], e["label_name"]) for e in crossed] == [(11, "circle")]
+    assert results[-1].analytics.lines[0].counts_in == {"circle": 1}
+    # A square seen longer outvotes the circle: from then on the track is a square.
+    frames += [frame(20 + i, [det(300, 250 + 5 * i, label=2)]) for i in range(20)]
+    results = run(tracker(source(lines=[gate])), frames)
+    assert {tuple(ids(r)) for r in results[1:]} == {(1,)}
+    ended = run(tracker(source(lines=[gate]), max_lost_s=0.1), frames + [frame(40 + i, []) for i in range(5)])
+    assert [e["label_name"] for e in events(ended, "track_ended")] == ["square"]
+
+
+def test_a_crossing_while_tentative_counts_once_confirmed():
+    # Confirmed on its third frame (min_hits 3), the object was past the gate by then: the gate counts it when the
+    # track is confirmed, from where the track started (its anchor at y 190, 198, 206, ...; the margin is 2 px).
+    gate = {"name": "gate", "points": [[0, 200], [640, 200]], "in_side": "right"}
+    frames = [frame(i, [det(300, 190 + 8 * i)]) for i in range(6)]
+    results = run(tracker(source(lines=[gate]), min_hits=3), frames)
+    assert [(e["frame"], e["direction"]) for e in events(results, "line_crossed")] == [(2, "in")]
+    assert results[-1].analytics.lines[0].counts_in == {"circle": 1}
+
+
+def test_frames_without_a_high_score_detection_start_nothing():
+    # The first frames have only low-score detections (no track yet to continue): nothing is tracked nor kept.
+    frames = [frame(i, [det(100, 200, score=0.3), det(300, 200, score=0.2)]) for i in range(3)]
+    results = run(tracker(), frames + [frame(3, [det(100, 200)]), frame(4, [det(100, 200)])])
+    assert [ids(r) for r in results] == [[], [], [], [None], [1]]
 
 
 def test_same_detections_in_another_order_give_the_same_ids():
@@ -156,6 +194,15 @@ def test_zone_occupancy_and_dwell():
     assert results[-1].analytics.zones[0].occupancy == {}
 
 
+def test_points_in_a_concave_zone():
+    # A "C" shape: the notch (x 10-30, y 10-20) is outside; vertices and horizontal edges do not confuse the ray.
+    c_shape = [(0, 0), (30, 0), (30, 10), (10, 10), (10, 20), (30, 20), (30, 30), (0, 30)]
+    points = {(5, 15): True, (20, 15): False, (20, 5): True, (20, 25): True, (35, 15): False, (5, 10): True,
+              (-1, 5): False, (15, 35): False}
+    x, y = np.array(list(points), dtype=np.float64).T
+    assert points_in_polygon(x, y, polygon_edges(c_shape)).tolist() == list(points.values())
+
+
 def test_a_track_that_ends_inside_a_zone_leaves_it():
     dock = {"name": "dock", "polygon": [[0, 0], [640, 0], [640, 480], [0, 480]]}
     frames = [frame(i, [det(300, 200)] if i < 10 else []) for i in range(50)]
@@ -185,10 +232,12 @@ def test_pts_that_restart_or_jump_are_not_time(pts):
 
 
 def _busy_sequence() -> list[FrameResult]:
-    """Several objects crossing a line and a zone, one occluded for a while, one low-score frame, one leaving."""
+    """Several objects crossing a line and a zone, one occluded for a while, one low-score frame, one leaving,
+    one whose class flips for a few frames."""
     frames = []
     for i in range(60):
-        dets = [det(50 + 8 * i, 150, label=1), det(600 - 7 * i, 260, label=2, score=0.35 if i == 30 else 0.8)]
+        flipped = 2 if 40 <= i < 43 else 1  # the model hesitates between look-alikes
+        dets = [det(50 + 8 * i, 150, label=flipped), det(600 - 7 * i, 260, label=2, score=0.35 if i == 30 else 0.8)]
         if not 20 <= i < 26:
             dets.append(det(300, 60 + 6 * i, label=1, score=0.7))
         if i < 25:
@@ -204,7 +253,7 @@ def test_a_snapshot_mid_sequence_continues_exactly():
     frames = _busy_sequence()
     whole = run(tracker(src), frames)
     assert events(whole, "line_crossed") and events(whole, "zone_left") and events(whole, "track_ended")
-    for cut in (1, 23, 31):
+    for cut in (1, 23, 31, 41):
         first = tracker(src)
         run(first, frames[:cut])
         state = json.loads(json.dumps(first.snapshot()))  # through JSON, as it is stored
