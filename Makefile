@@ -14,15 +14,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 # redis-server (tests and the embedded default), ffmpeg (live sources in tests), openssl (TLS test
 # certificates) and GStreamer's RTSP server with the elements of the test camera (tests/rtsp_server.py, run by
-# Debian's python3 with PyGObject) come from Debian.
-RTSP_CHECK := import gi; gi.require_version("GstRtspServer", "1.0"); from gi.repository import Gst, GstRtspServer; \
-	Gst.init(None); assert all(map(Gst.ElementFactory.find, ("videotestsrc", "x264enc", "rtph264pay")))
+# Debian's python3 with PyGObject; glib-networking gives it TLS for RTSPS) come from Debian.
+RTSP_CHECK := import gi; gi.require_version("GstRtspServer", "1.0"); from gi.repository import Gio, Gst, GstRtspServer; \
+	Gst.init(None); assert all(map(Gst.ElementFactory.find, ("videotestsrc", "x264enc", "rtph264pay"))); \
+	assert Gio.TlsBackend.get_default().supports_tls()
 system-deps:
 	@command -v redis-server >/dev/null && command -v ffmpeg >/dev/null && command -v openssl >/dev/null && \
 		/usr/bin/python3 -c '$(RTSP_CHECK)' 2>/dev/null || \
 		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server ffmpeg openssl \
 			python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
-			gstreamer1.0-plugins-ugly; }
+			gstreamer1.0-plugins-ugly glib-networking; }
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check .
