@@ -71,6 +71,16 @@ def test_resize_scales_boxes_and_masks(data):
     assert torch.allclose(resized["boxes"], target["boxes"] / 2)
 
 
+def test_min_scale_bounds_the_training_sizes(data):
+    """Training sizes span min_scale..1 of the base size (both paths: plain resize and resize-crop-resize)."""
+    random.seed(2)
+    for min_scale, low in ((0.6, 32), (1.0, 64)):  # DETR's 0.6 x 64 = 38 -> 32 (multiples of 16); 1.0: 64 only
+        transforms = make_transforms(train=True, size=64, min_scale=min_scale)
+        shorter = {min(transforms(*CocoDetection(data)[i % 3])[0].shape[:2]) for i in range(40)}
+        assert min(shorter) >= low - 1 and max(shorter) <= 64
+        assert len(shorter) > 1 if min_scale < 1 else shorter <= {63, 64}
+
+
 def test_collate_pads_images_and_masks(data):
     random.seed(1)
     dataset = CocoPanoptic(data, make_transforms(train=True, size=64))

@@ -53,13 +53,13 @@ def test_optimizer_puts_the_backbone_in_its_own_group():
 
 def test_train_writes_a_model_resumes_and_evaluates(tiny_data, tmp_path):
     options = {**TRAIN_DEFAULTS, "epochs": 1, "batch_size": 2, "lr": 1e-3, "image_size": 64, "lr_drop": 1}
-    out = train(TINY, options, tiny_data, tmp_path / "run")
+    out = train(TINY, options, [tiny_data], tmp_path / "run")
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "checkpoint.pth", "log.jsonl"):
         assert (out / name).is_file(), name
     first = torch.load(out / "checkpoint.pth", weights_only=True)
     assert first["epoch"] == 1 and first["lr_scheduler"]["last_epoch"] == 1
 
-    train(TINY, {**options, "epochs": 2}, tiny_data, out, resume=out / "checkpoint.pth")
+    train(TINY, {**options, "epochs": 2}, [tiny_data], out, resume=out / "checkpoint.pth")
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     starts = [r["start_epoch"] for r in log if r.get("event") == "start"]
     assert starts == [0, 1]
@@ -74,8 +74,8 @@ def test_train_writes_a_model_resumes_and_evaluates(tiny_data, tmp_path):
 
 def test_init_starts_from_trained_weights_with_a_new_schedule(tiny_data, tmp_path):
     options = {**TRAIN_DEFAULTS, "epochs": 1, "batch_size": 2, "lr": 1e-3, "image_size": 64, "lr_drop": 1}
-    first = train(TINY, options, tiny_data, tmp_path / "first")
-    again = train(TINY, {**options, "lr": 0.0, "lr_backbone": 0.0}, tiny_data, tmp_path / "again", init=first)
+    first = train(TINY, options, [tiny_data], tmp_path / "first")
+    again = train(TINY, {**options, "lr": 0.0, "lr_backbone": 0.0}, [tiny_data], tmp_path / "again", init=first)
     trained = ConditionalDetrForObjectDetection.from_pretrained(first).state_dict()
     continued = ConditionalDetrForObjectDetection.from_pretrained(again).state_dict()
     # lr 0: AdamW leaves the weights (decay is scaled by lr too); batch-norm statistics still move in train mode.
@@ -83,12 +83,28 @@ def test_init_starts_from_trained_weights_with_a_new_schedule(tiny_data, tmp_pat
     assert all(torch.equal(trained[k], continued[k]) for k in weights)
     assert torch.load(again / "checkpoint.pth", weights_only=True)["epoch"] == 1
     with pytest.raises(ValueError, match="init"):
-        train(TINY, options, tiny_data, tmp_path / "bad", init=first, resume=first / "checkpoint.pth")
+        train(TINY, options, [tiny_data], tmp_path / "bad", init=first, resume=first / "checkpoint.pth")
+
+
+def test_training_sets_are_concatenated_and_must_share_their_categories(tiny_data, tmp_path):
+    options = {**TRAIN_DEFAULTS, "epochs": 1, "batch_size": 2, "lr": 1e-3, "image_size": 64}
+    other = shapes.write_dataset(tmp_path / "other", n_images=3, size=(96, 64), seed=5, max_objects=2)
+    out = train(TINY, options, [tiny_data, other], tmp_path / "run")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[0]["train_images"] == 7
+    assert sum("step" in r for r in log) == 4  # 7 images (none portrait) in batches of 2
+
+    for name in ("panoptic.json", "annotations.json"):  # a set whose categories differ
+        coco = json.loads((other / name).read_text())
+        coco["categories"][0]["name"] = "ellipse"
+        (other / name).write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match="different categories"):
+        train(TINY, options, [tiny_data, other], tmp_path / "bad")
 
 
 def test_deadline_stops_and_saves(tiny_data, tmp_path):
     options = {**TRAIN_DEFAULTS, "epochs": 5, "batch_size": 2, "image_size": 64}
-    out = train(TINY, options, tiny_data, tmp_path / "run", max_minutes=1e-6)
+    out = train(TINY, options, [tiny_data], tmp_path / "run", max_minutes=1e-6)
     state = torch.load(out / "checkpoint.pth", weights_only=True)
     assert state["epoch"] == 0  # the interrupted epoch is repeated on resume
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -115,9 +131,9 @@ def test_panoptic_two_stage_training(tiny_data, tmp_path):
     options = {**TRAIN_DEFAULTS, "epochs": 1, "batch_size": 2, "lr": 1e-3, "image_size": 64}
     # the mask head's GroupNorm(8) needs d_model + heads and d_model / 16 to be multiples of 8
     config = {**TINY, "d_model": 128, "encoder_attention_heads": 8, "decoder_attention_heads": 8}
-    detector = train(config, options, tiny_data, tmp_path / "detector", panoptic=True)
+    detector = train(config, options, [tiny_data], tmp_path / "detector", panoptic=True)
     before = ConditionalDetrForObjectDetection.from_pretrained(detector).state_dict()
-    out = train({}, options, tiny_data, tmp_path / "segmentation", panoptic=True, detector=detector)
+    out = train({}, options, [tiny_data], tmp_path / "segmentation", panoptic=True, detector=detector)
     from model.segmentation import ConditionalDetrForSegmentation
 
     model = ConditionalDetrForSegmentation.from_pretrained(out)
@@ -132,8 +148,8 @@ def test_panoptic_two_stage_training(tiny_data, tmp_path):
     assert {"bbox", "segm", "panoptic"} <= set(metrics) and 0.0 <= metrics["panoptic"]["PQ"] <= 1.0
 
     # --init with --detector: the mask head starts from a trained panoptic model, the detector is --detector's
-    newer = train(config, {**options, "seed": 1}, tiny_data, tmp_path / "newer", panoptic=True)
-    again = train({}, {**options, "lr": 0.0}, tiny_data, tmp_path / "again", panoptic=True, detector=newer,
+    newer = train(config, {**options, "seed": 1}, [tiny_data], tmp_path / "newer", panoptic=True)
+    again = train({}, {**options, "lr": 0.0}, [tiny_data], tmp_path / "again", panoptic=True, detector=newer,
                   init=out)
     warm = ConditionalDetrForSegmentation.from_pretrained(again)
     for head in ("bbox_attention", "mask_head"):

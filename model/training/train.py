@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 from tqdm import tqdm
 
 from model.conditional_detr import ConditionalDetrForObjectDetection
@@ -36,7 +36,8 @@ from model.training.datasets import AspectGroupedBatches, CocoDetection, CocoPan
 from model.training.transforms import make_transforms
 
 TRAIN_DEFAULTS = {"epochs": 50, "batch_size": 8, "lr": 1e-4, "lr_backbone": 1e-5, "weight_decay": 1e-4,
-                  "lr_drop": 40, "clip_max_norm": 0.1, "image_size": 800, "num_workers": 0, "seed": 42}
+                  "lr_drop": 40, "clip_max_norm": 0.1, "image_size": 800, "min_scale": 0.6, "num_workers": 0,
+                  "seed": 42}
 
 
 def load_run_config(path: str | Path) -> tuple[dict, dict]:
@@ -131,7 +132,7 @@ def train_one_epoch(model, loader, optimizer, device, clip_max_norm: float, epoc
     return True
 
 
-def train(model_config: dict, options: dict, train_data: str | Path, output_dir: str | Path,
+def train(model_config: dict, options: dict, train_data: list[str | Path], output_dir: str | Path,
           val_data: str | Path | None = None, resume: str | Path | None = None, device: str = "cpu",
           max_minutes: float | None = None, panoptic: bool = False, detector: str | Path | None = None,
           init: str | Path | None = None) -> Path:
@@ -151,16 +152,23 @@ def train(model_config: dict, options: dict, train_data: str | Path, output_dir:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    model = build_model(model_config, label_map(train_data), device, detector)
+    labels = label_map(train_data[0])
+    for other in train_data[1:]:  # one label space: the datasets are concatenated as they are
+        if label_map(other) != labels:
+            raise ValueError(f"training sets {train_data[0]} and {other} have different categories")
+    model = build_model(model_config, labels, device, detector)
     if init is not None:
         load_initial_weights(model, init)
     processor = make_processor(options["image_size"])
-    dataset = (CocoPanoptic if panoptic else CocoDetection)(train_data, make_transforms(True, options["image_size"]))
+    transforms = make_transforms(True, options["image_size"], options["min_scale"])
+    dataset = ConcatDataset([(CocoPanoptic if panoptic else CocoDetection)(root, transforms) for root in train_data])
     if panoptic:  # what the panoptic post-processing of this model must fuse (the checkpoint is the only record)
-        model.config.stuff_labels = [label for label, isthing in dataset.isthing.items() if not isthing]
+        isthing = dataset.datasets[0].isthing
+        model.config.stuff_labels = [label for label, thing in isthing.items() if not thing]
         model.config.validate()
     batch_size = options["batch_size"]
-    loader = DataLoader(dataset, batch_sampler=AspectGroupedBatches(dataset.landscape(), batch_size),
+    landscape = [wide for part in dataset.datasets for wide in part.landscape()]
+    loader = DataLoader(dataset, batch_sampler=AspectGroupedBatches(landscape, batch_size),
                         collate_fn=Collator(processor), num_workers=options["num_workers"])
     optimizer = make_optimizer(model, options["lr"], options["lr_backbone"], options["weight_decay"])
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, options["lr_drop"])
@@ -206,9 +214,9 @@ def train(model_config: dict, options: dict, train_data: str | Path, output_dir:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(Path(__file__).parent / "configs" / "shapes-tiny.json"),
                         help="run config JSON with 'model' and 'train' sections")
-    parser.add_argument("--data", required=True, help="training set (COCO layout of "
-                                                      "model.training.shapes.write_dataset); its categories are "
-                                                      "the model's labels")
+    parser.add_argument("--data", required=True, nargs="+",
+                        help="training sets (COCO layout of model.training.shapes.write_dataset), concatenated; "
+                             "their categories (the same in each) are the model's labels")
     parser.add_argument("--val-data", help="evaluate bbox AP on this set after every epoch")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--resume", help="checkpoint.pth to continue from")

@@ -109,16 +109,18 @@ class ToModelTarget:
         return np.asarray(image), target
 
 
-def make_transforms(train: bool, size: int) -> Compose:
+def make_transforms(train: bool, size: int, min_scale: float = 0.6) -> Compose:
     """DETR's recipe scaled to a base (shorter-side) size: 800 in DETR, e.g. 320 for shapes.
 
-    Training: flip, then either a multi-scale resize (0.6..1.0 x size, like 480..800) or resize-crop-resize
-    (crop sides 0.48..0.75 x size, like 384..600). Evaluation: shorter side = size. Longer side ≤ 1.667 x size.
+    Training: flip, then either a multi-scale resize (min_scale..1.0 x size; DETR's 480..800 is 0.6) or
+    resize-crop-resize (crop sides 0.48..0.75 x size, like 384..600, then the same scales). Evaluation: shorter
+    side = size. Longer side ≤ 1.667 x size. A min_scale near 1 trains at the size the processor feeds the model
+    at inference: the width of a box is not scale-invariant in a briefly trained model (model/weights/EVAL.md).
     """
     max_size = int(size * 1333 / 800)
     if not train:
         return Compose([RandomResize([size], max_size), ToModelTarget()])
-    scales = list(range(int(0.6 * size) // 16 * 16, size + 1, 16))
+    scales = list(range(int(min_scale * size) // 16 * 16, size + 1, 16))
     crop = Compose([RandomResize([int(size * r) for r in (0.5, 0.625, 0.75)]),
                     RandomSizeCrop(int(0.48 * size), int(0.75 * size)),
                     RandomResize(scales, max_size)])
