@@ -88,8 +88,8 @@ def test_square_set_reproduces_eval_md(square_fp32: dict):
 
 
 def test_16_9_video_frames_it_never_trained_on(video_fp32: dict):
-    """Issue 16's targets (AP >= 0.70, median IoU >= 0.85) are not met yet (EVAL.md); what holds: the boxes fit
-    16:9 frames far better than the square-trained first model's did."""
+    """Issue 16's targets (AP >= 0.70, median IoU >= 0.85) are not met yet on video (EVAL.md); what holds: the
+    boxes fit 16:9 frames far better than the square-trained first model's did."""
     _check_documented(video_fp32, "video")
     assert video_fp32["bbox"]["AP"] > 1.8 * FIRST_MODEL["video"]["AP"]
     assert video_fp32["bbox"]["median_IoU"] > FIRST_MODEL["video"]["median_IoU"] + 0.1
