@@ -4,8 +4,8 @@ AdamW with a separate learning rate for the backbone, gradient clipping to a glo
 the learning rate (x0.1 at `lr_drop`), a checkpoint every epoch that `--resume` continues from, a tqdm progress bar
 and a JSON-lines metrics log. Runs on CPU or CUDA. A run is described by a JSON file (`configs/*.json` beside this
 module) with a "model" section (ConditionalDetrConfig fields) and a "train" section (defaults of the options below).
-A new model's labels (`id2label`) are the training set's categories (`datasets.label_map`) unless the "model"
-section gives them.
+A new model's labels (`id2label`) are the training sets' categories (`datasets.label_map`; several sets must share
+them) unless the "model" section gives them.
 
 Panoptic models follow DETR's two stages: `--panoptic` trains the detector on the panoptic targets (things and
 stuff segments as boxes); `--panoptic --detector DIR` then wraps that detector in `ConditionalDetrForSegmentation`,
