@@ -69,11 +69,6 @@ def _check_documented(metrics: dict, test_set: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def square_fp32(square_set: Path) -> dict:
-    return _evaluate(square_set, panoptic=True)
-
-
-@pytest.fixture(scope="module")
 def video_fp32(video_set: Path) -> dict:
     return _evaluate(video_set, panoptic=False)
 
@@ -83,8 +78,8 @@ FIRST_MODEL = {"video": {"AP": 0.241, "median_IoU": 0.630},
                "holdout": {"AP": 0.073, "median_IoU": 0.705}}
 
 
-def test_square_set_reproduces_eval_md(square_fp32: dict):
-    _check_documented(square_fp32, "square")
+def test_square_set_reproduces_eval_md(square_set: Path):
+    _check_documented(_evaluate(square_set, panoptic=True), "square")
 
 
 def test_16_9_video_frames_it_never_trained_on(video_fp32: dict):
@@ -102,11 +97,21 @@ def test_the_independent_renderers_images(holdout_set: Path):
     assert metrics["bbox"]["median_IoU"] > FIRST_MODEL["holdout"]["median_IoU"] + 0.1
 
 
-def test_bfloat16_autocast_keeps_the_accuracy(square_set: Path, square_fp32: dict, video_set: Path,
-                                              video_fp32: dict):
+# bf16 on CPUs without AMX tiles runs slower than float32 (EVAL.md), so its comparison uses the first 160 images
+# of the square set (the generator seeds image i with (seed, i): the same images), float32 measured on them too.
+BF16_SQUARE_IMAGES = 160
+
+
+@pytest.fixture(scope="module")
+def square_subset(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("square-subset"), BF16_SQUARE_IMAGES, size=256, seed=2, workers=2)
+
+
+def test_bfloat16_autocast_keeps_the_accuracy(square_subset: Path, video_set: Path, video_fp32: dict):
     """`model.precision: bf16` (the pipeline's fastest switch on some CPUs) changes logits by ~1e-2; what counts
     is that the task metrics stay where float32 puts them, both measured here, on this machine."""
-    for data, panoptic, fp32 in ((square_set, True, square_fp32), (video_set, False, video_fp32)):
+    subset_fp32 = _evaluate(square_subset, panoptic=True)
+    for data, panoptic, fp32 in ((square_subset, True, subset_fp32), (video_set, False, video_fp32)):
         bf16 = _evaluate(data, panoptic, InferenceOptions(dtype=torch.bfloat16))
         assert abs(bf16["bbox"]["AP"] - fp32["bbox"]["AP"]) < 0.01
         assert abs(bf16["bbox"]["median_IoU"] - fp32["bbox"]["median_IoU"]) < 0.01
