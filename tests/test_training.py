@@ -101,6 +101,13 @@ def test_training_sets_are_concatenated_and_must_share_their_categories(tiny_dat
     with pytest.raises(ValueError, match="different categories"):
         train(TINY, options, [tiny_data, other], tmp_path / "bad")
 
+    coco = json.loads((other / "panoptic.json").read_text())  # the same names, but a thing turned into stuff
+    coco["categories"][0]["name"] = json.loads((tiny_data / "panoptic.json").read_text())["categories"][0]["name"]
+    coco["categories"][0]["isthing"] = 0
+    (other / "panoptic.json").write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match="different categories"):
+        train(TINY, options, [tiny_data, other], tmp_path / "bad", panoptic=True)
+
 
 def test_deadline_stops_and_saves(tiny_data, tmp_path):
     options = {**TRAIN_DEFAULTS, "epochs": 5, "batch_size": 2, "image_size": 64}

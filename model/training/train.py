@@ -164,6 +164,10 @@ def train(model_config: dict, options: dict, train_data: list[str | Path], outpu
     dataset = ConcatDataset([(CocoPanoptic if panoptic else CocoDetection)(root, transforms) for root in train_data])
     if panoptic:  # what the panoptic post-processing of this model must fuse (the checkpoint is the only record)
         isthing = dataset.datasets[0].isthing
+        for other, part in zip(train_data[1:], dataset.datasets[1:]):
+            if part.isthing != isthing:
+                raise ValueError(f"training sets {train_data[0]} and {other} have different categories (things "
+                                 "and stuff)")
         model.config.stuff_labels = [label for label, thing in isthing.items() if not thing]
         model.config.validate()
     batch_size = options["batch_size"]
